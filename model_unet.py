@@ -1,0 +1,182 @@
+"""ADM-style UNet (Dhariwal & Nichol's guided-diffusion) used as the velocity field v_θ.
+
+    v_θ(x, t, cond, direction) : (N, C, H, W) -> (N, C, H, W)
+
+Encoder: a stem conv, then per resolution level `num_res_blocks` residual blocks (with
+self-attention where the feature map size is in `attention_resolutions`) and a strided-conv
+downsample. A middle of ResBlock-Attention-ResBlock. Decoder: the mirror image, each block
+taking the matching encoder activation concatenated on channels, upsampling by nearest + conv.
+
+The conditioning vector emb = MLP(sinusoid(1000·t)) + E_cond[cond] (+ E_dir[direction]) is the
+same as the DiT's (ConditionEmbedder from model_dit.py). Each residual block injects it by
+scale-shift normalisation:
+
+    (scale, shift) = Linear(SiLU(emb)),   h = GroupNorm(h) · (1 + scale) + shift.
+
+The last conv of each residual block, the output projection of each attention block and the
+output conv start at zero, so each block is the identity and the model outputs 0 at init.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model_dit import ConditionEmbedder
+
+
+def group_norm(channels):
+    """GroupNorm with ADM's 32 groups, fewer when that would leave under 4 channels per group."""
+    groups = math.gcd(32, channels)  # a power of two dividing channels
+    while groups > 1 and channels // groups < 4:
+        groups //= 2  # stays a divisor; avoids degenerating into per-channel (instance) norm
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_init(module):
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, emb_channels, dropout):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+        self.out_norm = group_norm(out_channels)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(), nn.Dropout(dropout), zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x)
+        scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.out_layers(self.out_norm(h) * (1 + scale) + shift)
+        return self.skip(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H·W positions of a feature map, residual."""
+
+    def __init__(self, channels, num_heads):
+        super().__init__()
+        assert channels % num_heads == 0, f'channels {channels} not divisible by num_heads {num_heads}'
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x):
+        n, channels, height, width = x.shape
+        head_dim = channels // self.num_heads
+        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, head_dim, height * width)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (N, heads, H·W, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(out.transpose(-1, -2).reshape(n, channels, height, width))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
+
+
+class EmbedSequential(nn.Sequential):
+    """Sequential that hands the conditioning vector to the residual blocks only."""
+
+    def forward(self, x, emb):
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    def __init__(self, input_size, in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
+                 dropout, num_heads, num_classes=2, bidirectional=False):
+        super().__init__()
+        num_downsamples = len(channel_mult) - 1
+        if input_size % 2 ** num_downsamples:
+            raise ValueError(f'input_size {input_size} must be divisible by 2^{num_downsamples} for '
+                             f'channel_mult {tuple(channel_mult)}; use fewer levels or a larger image')
+        self.bidirectional = bidirectional
+        emb_channels = 4 * model_channels
+        self.condition_embedder = ConditionEmbedder(emb_channels, num_classes, bidirectional,
+                                                    frequency_size=model_channels)
+
+        channels, resolution = model_channels, input_size
+        self.input_blocks = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, channels, 3, padding=1))])
+        skip_channels = [channels]
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(channels, mult * model_channels, emb_channels, dropout)]
+                channels = mult * model_channels
+                if resolution in attention_resolutions:
+                    layers.append(AttentionBlock(channels, num_heads))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip_channels.append(channels)
+            if level < num_downsamples:
+                self.input_blocks.append(EmbedSequential(Downsample(channels)))
+                skip_channels.append(channels)
+                resolution //= 2
+
+        self.middle_block = EmbedSequential(
+            ResBlock(channels, channels, emb_channels, dropout),
+            AttentionBlock(channels, num_heads),
+            ResBlock(channels, channels, emb_channels, dropout))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            # One block more than the encoder level: it also consumes the downsample's activation.
+            for i in range(num_res_blocks + 1):
+                layers = [ResBlock(channels + skip_channels.pop(), mult * model_channels, emb_channels, dropout)]
+                channels = mult * model_channels
+                if resolution in attention_resolutions:
+                    layers.append(AttentionBlock(channels, num_heads))
+                if level > 0 and i == num_res_blocks:
+                    layers.append(Upsample(channels))
+                    resolution *= 2
+                self.output_blocks.append(EmbedSequential(*layers))
+        assert not skip_channels and resolution == input_size
+
+        self.out = nn.Sequential(
+            group_norm(channels), nn.SiLU(), zero_init(nn.Conv2d(channels, in_channels, 3, padding=1)))
+
+    def forward(self, x, t, cond, direction=None):
+        emb = self.condition_embedder(t, cond, direction)
+        skips = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+_REFERENCE = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
+                  dropout=0.1, num_heads=4)
+
+# Constructor kwargs minus input_size, in_channels, num_classes, bidirectional.
+# mnist/cifar/imagenet are the reference settings (METHOD.md §6); tiny is for short CPU runs.
+UNET_PRESETS = {
+    'tiny': dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+                 dropout=0.0, num_heads=4),
+    'mnist': dict(_REFERENCE),
+    'cifar': dict(_REFERENCE),
+    'imagenet': dict(_REFERENCE),
+}

@@ -1,0 +1,408 @@
+"""Train a flow between class latents and images.
+
+    python train.py --dataset mnist --mode bidi --preset tiny --out runs/demo      # one process
+    torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi               # DDP, 8 GPUs
+
+Defaults are the reference settings (METHOD.md §6): AdamW lr 1e-4, batch 256, EMA 0.9999, bf16,
+cfg-dropout 0.1, lambda_b 0.5, and a DiT preset per dataset. `--preset tiny` is a recipe measured to
+learn MNIST in minutes on a laptop CPU. One training step:
+
+    x_image, y  <- a batch of the preloaded uint8 dataset (flipped on the device for CIFAR/ImageNet)
+    loss        <- flow.loss(model, x_image, y, embedder)        (see flow.py for the math)
+    AdamW step on model (+ learned class latents), EMA update, every N steps: log, sample, save.
+
+A run directory (--out) holds last.pt (+ kept snapshots), log.jsonl and PNG sample grids.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from checkpoint import MODELS, CheckpointError, build_flow, build_model, load_checkpoint, save_checkpoint
+from embeddings import KINDS, build_embedder
+from flow import MODES, SOLVERS
+from model_dit import DIT_PRESETS
+from model_unet import UNET_PRESETS
+
+# Training recipes by preset; flags given on the command line win. The dataset presets are the
+# reference settings; 'tiny' is the CPU recipe (README: "The tiny recipe" says how it was found).
+TRAIN_PRESETS = {
+    "tiny": dict(lr=1e-3, batch_size=128, max_steps=1500, warmup_steps=100, ema_decay=0.999, ema_warmup=True),
+    "mnist": dict(max_steps=120_000),
+    "cifar": dict(max_steps=300_000),
+    "imagenet": dict(max_steps=400_000),
+}
+REFERENCE = dict(lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
+DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
+MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
+               "unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
+                        "dropout", "num_heads")}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="cifar", choices=sorted(DEFAULT_PRESET))
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--image-size", type=int, default=32, choices=(32, 64))
+    p.add_argument("--mode", default="l2i", choices=MODES)
+    p.add_argument("--model", default="dit", choices=MODELS)
+    p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), help="default: the dataset's reference preset")
+    # model shape (default: the preset's)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--hidden-size", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--num-heads", type=int)
+    p.add_argument("--mlp-ratio", type=float)
+    p.add_argument("--model-channels", type=int)
+    p.add_argument("--channel-mult", type=int, nargs="+")
+    p.add_argument("--num-res-blocks", type=int)
+    p.add_argument("--attention-resolutions", type=int, nargs="*")
+    p.add_argument("--dropout", type=float)
+    # class latents
+    p.add_argument("--embedding", default="rectangle", choices=KINDS)
+    p.add_argument("--std-scale", type=float, default=1.0)
+    p.add_argument("--rect-size", type=int, default=10, help="rectangle side in pixels")
+    p.add_argument("--blur-sigma", type=float, default=2.0)
+    p.add_argument("--low-res", type=int, default=6, help="smoothrand noise resolution")
+    p.add_argument("--embedding-seed", type=int, default=0)
+    p.add_argument("--kl-weight", type=float, default=1e-3, help="KL weight of the 'learned' latents")
+    # the flow
+    p.add_argument("--lambda-b", type=float, default=0.5)
+    p.add_argument("--cfg-dropout", type=float, default=0.1)
+    p.add_argument("--ln", action="store_true", help="logit-normal t")
+    p.add_argument("--ln-loc", type=float, default=0.0)
+    p.add_argument("--ln-scale", type=float, default=1.0)
+    p.add_argument("--si-scale", type=float, default=0.0)
+    p.add_argument("--use-conditioning", action="store_true", help="standard class CFG (noise source only)")
+    # optimisation (default: the preset's, else the reference)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="global batch, split over processes")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="EMA decay min(decay, (1+step)/(10+step)) so a short run's EMA is not its init")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    # run directory and periodic work
+    p.add_argument("--out", default="runs/default")
+    p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=5000)
+    p.add_argument("--keep-every", type=int, default=50_000, help="also keep step_N.pt every N steps")
+    p.add_argument("--sample-every", type=int, default=5000)
+    p.add_argument("--sample-steps", type=int, default=40)
+    p.add_argument("--sample-solver", default="euler", choices=SOLVERS)
+    p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
+    p.add_argument("--eval-samples", type=int, default=1000)
+    args = p.parse_args(argv)
+    return resolve(args, p)
+
+
+def resolve(args, parser):
+    """Fill preset values, validate everything a user can get wrong, before any work starts."""
+    args.preset = args.preset or DEFAULT_PRESET[args.dataset]
+    for key, value in {**REFERENCE, **TRAIN_PRESETS[args.preset]}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    presets = DIT_PRESETS if args.model == "dit" else UNET_PRESETS
+    config = dict(presets[args.preset])
+    for key in MODEL_FLAGS[args.model]:
+        if getattr(args, key) is not None:
+            config[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
+    args.model_config = config
+    args.data_shape = data.dataset_shape(args.dataset, args.image_size)
+    args.num_classes = data.num_classes(args.dataset)
+    if args.embedding == "noise":
+        args.std_scale = 1.0
+    if args.use_conditioning and args.embedding != "noise":
+        parser.error("--use-conditioning is standard class CFG for a noise source; a class-latent source "
+                     "already carries the class (use --embedding noise, or drop --use-conditioning)")
+    if args.embedding == "noise" and args.mode != "l2i":
+        parser.error("--embedding noise has no class to read back: use --mode l2i")
+    if not 0 <= args.lambda_b <= 1:
+        parser.error(f"--lambda-b must lie in [0, 1], got {args.lambda_b}")
+    if not 0 <= args.cfg_dropout < 1:
+        parser.error(f"--cfg-dropout must lie in [0, 1), got {args.cfg_dropout}")
+    if args.std_scale < 0:
+        parser.error(f"--std-scale must be >= 0, got {args.std_scale}")
+    for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "sample_every"):
+        if getattr(args, key) <= 0:
+            parser.error(f"--{key.replace('_', '-')} must be positive")
+    return args
+
+
+def setup_distributed(args):
+    """torchrun sets RANK/WORLD_SIZE; without them this is one process. NCCL on GPUs, gloo on CPU."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp = "RANK" in os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if args.device == "cuda" else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
+    return ddp, rank, world_size, device
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
+
+
+def on_rank0(fn, ddp, master):
+    """Run fn on rank 0 and share the outcome: a user error there must stop every rank at once,
+    not leave the others waiting forever in the next collective."""
+    result, error = None, None
+    if master:
+        try:
+            result = fn()
+        except USER_ERRORS as e:
+            error = str(e)
+    if ddp:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
+    return result
+
+
+def check_out_dir(args):
+    """Fail now, not at the first save an hour from now."""
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {args.out}: {e.strerror}") from None
+    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
+        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or another --out")
+    if args.resume and not os.path.exists(os.path.join(args.out, "last.pt")):
+        raise ValueError(f"--resume: no {os.path.join(args.out, 'last.pt')} to resume from")
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.lerp_(p.detach(), 1 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def lr_at(step, args):
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+
+
+def rng_state(generator):
+    return dict(python=random.getstate(), numpy=np.random.get_state()[1].tolist(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                generator=generator.get_state())
+
+
+def set_rng_state(state, generator):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def main(args):
+    ddp, rank, world_size, device = setup_distributed(args)
+    master = rank == 0
+    on_rank0(lambda: check_out_dir(args), ddp, master)
+    seed = args.seed * world_size + rank
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)  # the flow's t, noise, pairing and flips
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+    # Data: rank 0 finds (or fetches, or caches) it first; the others then read what it wrote.
+    load_train = lambda: data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
+    images, labels = on_rank0(load_train, ddp, master)
+    if not master:
+        images, labels = load_train()
+    batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
+    flip = args.dataset in data.FLIP_DATASETS
+
+    model = build_model(vars(args)).to(device)
+    embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
+                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res).to(device)
+    ema, ema_embedder = deepcopy(model).eval(), deepcopy(embedder).eval()
+    for p in list(ema.parameters()) + list(ema_embedder.parameters()):
+        p.requires_grad_(False)
+    flow = build_flow(vars(args))
+    params = list(model.parameters()) + list(embedder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+
+    step = 0
+    if args.resume:
+        ckpt = load_checkpoint(os.path.join(args.out, "last.pt"), map_location=device)
+        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
+        embedder.load_state_dict(ckpt["embedder"]), ema_embedder.load_state_dict(ckpt["ema_embedder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        batches.load_state_dict(ckpt["data_state"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == world_size:
+            set_rng_state(ckpt["rng"][rank], generator)
+        elif master:
+            print(f"resuming on {world_size} processes from a {len(ckpt['rng'])}-process run: "
+                  "random streams restart (not an exact resume)")
+        del ckpt
+
+    train_model = torch.compile(model) if args.compile else model
+    if ddp:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(path):
+        rngs = [None] * world_size
+        if ddp:
+            dist.all_gather_object(rngs, rng_state(generator))
+        else:
+            rngs[0] = rng_state(generator)
+        if master:
+            save_checkpoint(dict(args=vars(args), model=model.state_dict(), ema=ema.state_dict(),
+                                 embedder=embedder.state_dict(), ema_embedder=ema_embedder.state_dict(),
+                                 optimizer=optimizer.state_dict(), step=step, rng=rngs,
+                                 data_state=batches.state_dict()), path)
+
+    stop_requested = []  # SIGTERM (pre-emption): finish the step, save, exit cleanly
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
+    if master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args.model} preset {args.preset}: {n_params / 1e6:.2f}M parameters | {args.mode} on {args.dataset} "
+              f"| {world_size} process(es) on {device.type} | bf16 {args.bf16} | from step {step}")
+
+    # Running sums stay on the device so the loop never waits for the GPU except when it logs.
+    sums = torch.zeros(6, device=device)  # loss, n, loss c->i, n c->i, loss i->c, n i->c
+    first_bad_step = torch.tensor(-1, device=device)
+    t_last, step_last = time.time(), step
+    model.train()
+    while step < args.max_steps:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args)
+        x_uint8, y = batches.next()
+        x_image = data.to_unit_range(x_uint8)
+        if flip:
+            x_image = data.random_hflip(x_image, generator)
+        with autocast:
+            loss, per_sample, batch = flow.loss(train_model, x_image, y, embedder, generator)
+            total = loss + args.kl_weight * embedder.kl_loss()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if ddp and args.embedding == "learned":  # the class latents live outside DDP: average by hand
+            for p in embedder.parameters():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
+        update_ema(ema, model, decay), update_ema(ema_embedder, embedder, decay)
+        step += 1
+
+        backward = batch["direction"].float()
+        sums += torch.stack([per_sample.sum(), torch.ones_like(per_sample).sum(),
+                             (per_sample * (1 - backward)).sum(), (1 - backward).sum(),
+                             (per_sample * backward).sum(), backward.sum()]).detach()
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(total.detach()),
+                                     torch.full((), step, device=device), first_bad_step)
+
+        last = step == args.max_steps or bool(stop_requested)
+        if step % args.log_every == 0 or last:
+            if ddp:
+                dist.all_reduce(sums)
+                dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
+            if first_bad_step.item() >= 0:
+                raise FloatingPointError(f"loss became non-finite at step {first_bad_step.item()}; "
+                                         f"not saving: {args.out}/last.pt keeps the last good state")
+            s = sums.tolist()
+            now = time.time()
+            img_per_s = (step - step_last) * args.batch_size / (now - t_last)
+            eta = (args.max_steps - step) * args.batch_size / max(img_per_s, 1e-9)
+            record = dict(step=step, loss=s[0] / s[1], lr=lr_at(step - 1, args), img_per_s=img_per_s)
+            if s[3]:
+                record["loss_c2i"] = s[2] / s[3]
+            if s[5]:
+                record["loss_i2c"] = s[4] / s[5]
+            if master:
+                parts = " ".join(f"{k[5:]} {record[k]:.4f}" for k in ("loss_c2i", "loss_i2c") if k in record)
+                print(f"step {step}/{args.max_steps} | loss {record['loss']:.4f} {parts} | "
+                      f"{img_per_s:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
+                log.write(json.dumps(record) + "\n"), log.flush()
+            sums.zero_()
+            t_last, step_last = now, step
+        if step % args.ckpt_every == 0 or last:
+            save(os.path.join(args.out, "last.pt"))
+            snapshot = os.path.join(args.out, f"step_{step}.pt")
+            if master and step % args.keep_every == 0 and not os.path.exists(snapshot):
+                os.link(os.path.join(args.out, "last.pt"), snapshot)  # a hard link: no second copy on disk
+        if master and (step % args.sample_every == 0 or last):
+            write_samples(ema, ema_embedder, flow, args, step, device, autocast)
+        if args.eval_every and (step % args.eval_every == 0 or last) and master:
+            record = evaluate_during_training(ema, ema_embedder, flow, args, step, device)
+            log.write(json.dumps(record) + "\n"), log.flush()
+        if stop_requested:
+            if master:
+                print(f"SIGTERM: saved step {step} to {args.out}/last.pt; continue with --resume")
+            break
+    if master:
+        log.close()
+        print(f"done: {args.out}/last.pt")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
+    from sample import save_c2i_grid, save_i2c_grid
+    with autocast:
+        save_c2i_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"c2i_{step:07d}.png"),
+                             device=device, steps=args.sample_steps, solver=args.sample_solver)
+        if args.embedding != "noise":
+            save_i2c_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"i2c_{step:07d}.png"),
+                          device=device, steps=args.sample_steps, solver=args.sample_solver)
+
+
+def evaluate_during_training(ema, ema_embedder, flow, args, step, device):
+    from evaluate import evaluate_checkpoint_model
+    result = evaluate_checkpoint_model(ema, ema_embedder, flow, vars(args), num_samples=args.eval_samples,
+                                       cfg_scale=1.0, steps=args.sample_steps, solver=args.sample_solver,
+                                       device=device)
+    print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+    return dict(step=step, eval=result)
+
+
+if __name__ == "__main__":
+    arguments = get_args()
+    try:
+        main(arguments)
+    except USER_ERRORS as e:
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike; say it once
+            print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
