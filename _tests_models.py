@@ -1,12 +1,14 @@
 """Tests for the velocity models (model_dit.DiT, model_unet.UNet): shapes, zero init, conditioning
 wiring, gradients, bf16 autocast, torch.compile and a small overfit. Tiny sizes, CPU, seconds."""
-import time
-
 import pytest
 import torch
 
 from model_dit import DIT_PRESETS, DiT
 from model_unet import UNET_PRESETS, UNet
+
+# Tiny tensors on a shared 2-core CPU: a second OpenMP thread only spins against other processes
+# (measured 10-30x slower per step under load), so the model tests run single-threaded.
+torch.set_num_threads(1)
 
 NUM_CLASSES = 3
 
@@ -137,12 +139,25 @@ def test_unet_channels_last_matches_contiguous():
 
 
 @pytest.mark.parametrize('kind', BUILDERS)
-def test_torch_compile_matches_eager(kind):
+def test_models_trace_as_one_graph(kind):
+    # fullgraph=True raises on any graph break; the eager backend skips code generation (seconds).
+    torch._dynamo.reset()
+    model = perturbed(BUILDERS[kind](bidirectional=True))
+    x, t, cond, direction = make_inputs()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    torch.testing.assert_close(compiled(x, t, cond, direction), model(x, t, cond, direction))
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_inductor_matches_eager_compile(kind):
+    # The real compiler: cold ~25 s (DiT) and ~80 s (UNet) on the shared 2-core CPU, ~15 s each
+    # once inductor's on-disk cache is warm.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = perturbed(BUILDERS[kind](bidirectional=True))
     x, t, cond, direction = make_inputs()
     reference = model(x, t, cond, direction)
-    compiled = torch.compile(model, fullgraph=True)  # fullgraph: fail on any graph break
+    compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x, t, cond, direction), reference, atol=1e-4, rtol=1e-4)
 
 
@@ -154,16 +169,18 @@ def test_overfits_a_fixed_random_velocity(kind):
     target = torch.randn_like(x)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(200):
+    for _ in range(200):  # stops at the first 10x drop (measured: ~60 steps DiT, ~30 UNet)
         loss = (model(x, t, cond) - target).square().mean()
+        losses.append(loss.item())
+        if losses[-1] < losses[0] / 10:
+            break
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+    assert losses[-1] < losses[0] / 10, f'MSE only fell from {losses[0]:.3f} to {min(losses):.3f} in 200 steps'
 
 
-@pytest.mark.parametrize('input_size, in_channels', [(32, 1), (32, 3), (64, 3)])
+@pytest.mark.parametrize('input_size, in_channels', [(32, 1), (64, 3)])
 def test_every_preset_builds_and_keeps_the_shape(input_size, in_channels):
     # On the meta device: checks the wiring of the full-size presets without allocating them.
     x, t, cond, direction = (tensor.to('meta') for tensor in make_inputs(2, in_channels, input_size))

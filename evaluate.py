@@ -371,24 +371,40 @@ def feature_stats(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
+def _restrict_to_joint_support(sigma1, sigma2):
+    """With fewer samples than dimensions both covariances vanish outside the span of their samples.
+    In an orthonormal basis B of range(sigma1 + sigma2), sigma_i = B sigma_i' B^T, so
+    Tr (sigma1 sigma2)^(1/2) = Tr (sigma1' sigma2')^(1/2) exactly, and sqrtm runs on r x r instead of
+    D x D (e.g. 400 x 400 instead of 2048 x 2048 for 200 + 200 samples: seconds saved per FID)."""
+    eigenvalues, vectors = np.linalg.eigh(sigma1 + sigma2)
+    keep = eigenvalues > eigenvalues.max() * len(eigenvalues) * np.finfo(np.float64).eps
+    if keep.all() or not keep.any():  # full rank (the usual 10k-sample case), or both zero
+        return sigma1, sigma2
+    basis = vectors[:, keep]
+    return basis.T @ sigma1 @ basis, basis.T @ sigma2 @ basis
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) as a Python float."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2
+    diff = mu1 - mu2
+    mean_term = diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+    sigma1, sigma2 = _restrict_to_joint_support(sigma1, sigma2)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        # A singular product (fewer samples than dimensions) can break sqrtm: regularise both sides.
-        offset = np.eye(len(mu1)) * eps
+        # A singular product can break sqrtm: regularise both sides (pytorch-fid's guard).
+        offset = np.eye(len(sigma1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
-        # Round-off gives tiny imaginary parts to a matrix whose true square root is real.
+        # Round-off gives small imaginary parts to a matrix whose true square root is real
+        # (sigma1 sigma2 is similar to the PSD sigma1^(1/2) sigma2 sigma1^(1/2)); a large one is a bug.
         largest = np.abs(np.diagonal(covmean).imag).max()
-        if largest > 1e-3 * max(1.0, np.abs(np.trace(covmean.real))):
+        if largest > 1e-3 * max(1.0, abs(np.trace(covmean.real))):
             raise ValueError(f'sqrtm(sigma1 sigma2) has an imaginary component of {largest:.3g}')
         covmean = covmean.real
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(mean_term - 2 * np.trace(covmean))
 
 
 # ---------------------------------------------------------------- precision / recall
@@ -408,7 +424,7 @@ def _fraction_inside_balls(queries, centres, radii, block_size):
     for start in range(0, len(queries), block_size):
         d = torch.cdist(queries[start:start + block_size], centres)
         inside[start:start + block_size] = (d <= radii[None]).any(dim=1)
-    return inside.float().mean().item()
+    return inside.sum().item() / len(inside)
 
 
 def precision_recall(real_features, fake_features, k=3, block_size=1024):
@@ -447,7 +463,7 @@ class SmallCNN(nn.Module):
     """Three stride-2 conv stages (32 -> 16 -> 8 -> 4 pixels) and a linear head: strided convolutions
     instead of conv + max-pool keep it cheap enough to train on a laptop CPU in a minute or two."""
 
-    def __init__(self, in_channels, num_classes, width=32):
+    def __init__(self, in_channels, num_classes, width=24):
         super().__init__()
         def stage(c_in, c_out, kernel_size):
             return [nn.Conv2d(c_in, c_out, kernel_size, stride=2, padding=kernel_size // 2),
@@ -460,7 +476,7 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-def train_classifier(images, labels, test_images, test_labels, num_classes, epochs=2, batch_size=128,
+def train_classifier(images, labels, test_images, test_labels, num_classes, epochs=3, batch_size=128,
                      seed=0, device='cpu'):
     """Adam on the real training set (uint8 images), one-cycle learning rate. -> (model, test_accuracy)."""
     generator = torch.Generator().manual_seed(seed)

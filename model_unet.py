@@ -70,11 +70,14 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x):
         n, channels, height, width = x.shape
-        head_dim = channels // self.num_heads
-        qkv = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, head_dim, height * width)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (N, heads, H·W, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj(out.transpose(-1, -2).reshape(n, channels, height, width))
+        tokens, head_dim = height * width, channels // self.num_heads
+        # Token-major memory (a no-op under channels_last) so head_dim has stride 1, which the fused
+        # attention kernels need; otherwise SDPA silently falls back to its slow math path.
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
+        qkv = qkv.reshape(n, tokens, 3, self.num_heads, head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, H·W, head_dim)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, tokens, channels)
+        return x + self.proj(out.transpose(1, 2).reshape(n, channels, height, width))
 
 
 class Downsample(nn.Module):

@@ -39,7 +39,7 @@ from model_unet import UNET_PRESETS
 # Training recipes by preset; flags given on the command line win. The dataset presets are the
 # reference settings; 'tiny' is the CPU recipe (README: "The tiny recipe" says how it was found).
 TRAIN_PRESETS = {
-    "tiny": dict(lr=1e-3, batch_size=128, max_steps=1500, warmup_steps=100, ema_decay=0.999, ema_warmup=True),
+    "tiny": dict(lr=1e-3, batch_size=64, max_steps=800, warmup_steps=100, ema_decay=0.999, ema_warmup=True),
     "mnist": dict(max_steps=120_000),
     "cifar": dict(max_steps=300_000),
     "imagenet": dict(max_steps=400_000),
@@ -97,7 +97,8 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on where the hardware has bf16 arithmetic, see bf16_is_fast)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
@@ -149,6 +150,19 @@ def resolve(args, parser):
     return args
 
 
+def bf16_is_fast(device):
+    """bf16 autocast pays on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX). On other CPUs
+    PyTorch emulates it, and a training step is about 10x slower than fp32 (README, Speed)."""
+    if device.type == "cuda":
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def setup_distributed(args):
     """torchrun sets RANK/WORLD_SIZE; without them this is one process. NCCL on GPUs, gloo on CPU."""
     if args.device == "auto":
@@ -162,6 +176,8 @@ def setup_distributed(args):
     device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if args.bf16 is None:
+        args.bf16 = bf16_is_fast(device)
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     return ddp, rank, world_size, device
@@ -250,6 +266,8 @@ def main(args):
     flip = args.dataset in data.FLIP_DATASETS
 
     model = build_model(vars(args)).to(device)
+    if args.model == "unet":  # convolutions run faster in NHWC on both oneDNN (CPU) and cuDNN
+        model = model.to(memory_format=torch.channels_last)
     embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
                               args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res).to(device)
     ema, ema_embedder = deepcopy(model).eval(), deepcopy(embedder).eval()
