@@ -8,12 +8,20 @@ torch.load(weights_only=True) and a stranger's file cannot run code on your mach
                 num_classes are among them, so sample.py / evaluate.py need no flags
     model, ema  state dicts of the raw (un-compiled, un-DDP'd) network and of its EMA
     embedder, ema_embedder   class-latent state (the means; trainable ones for 'learned')
-    optimizer, step, rng, data_state   what an exact resume needs (train.py fills them)
+    optimizer, step   AdamW moments and the number of updates done (the LR schedule is a function of it)
+    rng         per rank: python, numpy, torch CPU and CUDA states and the flow's generator (rng_state)
+    data_state  per-epoch sampler position {'epoch', 'offset'} (data.Batches), so the next batch is the
+                one an uninterrupted run would have drawn
 """
+import json
 import os
 import pickle
+import random
 import tempfile
+import time
+import zipfile
 
+import numpy as np
 import torch
 
 from embeddings import ClassEmbedder
@@ -34,6 +42,7 @@ def save_checkpoint(state, path):
 
     rename() within one file system is atomic, so `path` always holds either the previous complete
     checkpoint or the new complete one, whenever the process dies.
+    XFM_TEST_SLOW_SAVE=seconds (for tests only) pauses before the rename, so a test can kill a save.
     """
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
@@ -41,6 +50,7 @@ def save_checkpoint(state, path):
         with os.fdopen(fd, "wb") as f:
             torch.save(dict(state, format=CHECKPOINT_FORMAT), f)
             f.flush()
+            time.sleep(float(os.environ.get("XFM_TEST_SLOW_SAVE", 0)))  # test-only: a window to kill a save in
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
@@ -55,19 +65,68 @@ def save_checkpoint(state, path):
         os.close(dir_fd)
 
 
+def rng_state(generator):
+    """Every random stream training draws from, as plain values and tensors (weights_only-loadable)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return dict(python=random.getstate(), numpy=(keys.tolist(), pos, has_gauss, cached_gaussian),
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+                generator=generator.get_state())
+
+
+def set_rng_state(state, generator):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def check_same_run(saved_args, args, may_change):
+    """A resumed run must continue the saved one: every flag but those in `may_change` must match."""
+    plain = lambda v: tuple(v) if isinstance(v, list) else v  # --betas given on the command line is a list
+    differ = [f"--{k.replace('_', '-')} ({saved_args[k]!r} in the checkpoint, {args[k]!r} now)" for k in saved_args
+              if k in args and k not in may_change and plain(saved_args[k]) != plain(args[k])]
+    if differ:
+        raise CheckpointError(f"--resume: this command differs from the run being resumed in {', '.join(differ)}; "
+                              "repeat the original flags (only --max-steps and output/device flags may change)")
+
+
+def resume_run(out, args, may_change, map_location="cpu"):
+    """out/last.pt, checked to continue the run `args` describes. out/log.jsonl is cut back to its step:
+    a killed run may have logged steps after its last save, which the resumed run redoes."""
+    ckpt = load_checkpoint(os.path.join(out, "last.pt"), map_location)
+    check_same_run(ckpt["args"], args, may_change)
+    log_path = os.path.join(out, "log.jsonl")
+    if os.path.exists(log_path):
+        with open(log_path) as f:  # a line without its newline is a write cut short by the kill
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= ckpt["step"]]
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+    return ckpt
+
+
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        # torch writes a CRC-32 for every record of its zip file but does not check them when loading.
+        damaged = zipfile.is_zipfile(path) and zipfile.ZipFile(path).testzip()
+        ckpt = None if damaged else torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        if "GLOBAL" in str(e):  # the pickle names a Python callable: loading it could run any code
             raise CheckpointError(
-                f"refusing to load {path}: it contains pickled Python objects that could run code "
+                f"refusing to load {path}: it holds pickled Python objects, which could run code "
                 "(xfm checkpoints hold only tensors and plain values)") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated, corrupt, or not a torch file)"
+                              ) from None
+    except Exception as e:  # torch.load reports a damaged file in many ways (RuntimeError, EOFError, KeyError, ...)
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e!r}") from None
+    if damaged:
+        raise CheckpointError(f"{path} is corrupt: its record {damaged} fails its CRC check (a damaged copy?)")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is a .pt file but not an xfm checkpoint (written by train.py)")
     return ckpt

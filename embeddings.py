@@ -23,6 +23,7 @@ Decoding a latent z back to a class (the I2C prediction): nearest mean by L2,
 argmin_c ||z - m_c||, and by cosine similarity, argmax_c <z, m_c> / (||z|| ||m_c||).
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -104,6 +105,29 @@ def projected_means(vectors, shape, seed=0):
     return (math.sqrt(numel) * vectors @ q.T).view(-1, *shape)
 
 
+# Class-name vectors are computed once by class_vectors.py (it needs a text encoder) and shipped here.
+CLASS_VECTORS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "class_vectors")
+
+
+def class_vectors_path(kind, dataset, directory=CLASS_VECTORS_DIR):
+    return os.path.join(directory, f"{kind}_{dataset}.pt")
+
+
+def load_class_vectors(kind, dataset, directory=CLASS_VECTORS_DIR):
+    """The cached class-name vectors of `dataset` for kind 'clip' or 'text': (vectors (K, D) float32, names)."""
+    path = class_vectors_path(kind, dataset, directory)
+    make = f"python class_vectors.py --kind {kind} --dataset {dataset}"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no cached {kind!r} class-name vectors for {dataset} at {path}; make them with: {make}")
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, and how to remake it
+        raise ValueError(f"cannot read the class-vector cache {path} ({e}); remake it with: {make}") from None
+    if not isinstance(cache, dict) or not {"vectors", "names"} <= cache.keys():
+        raise ValueError(f"{path} is not a class-vector cache; remake it with: {make}")
+    return cache["vectors"].float(), list(cache["names"])
+
+
 class ClassEmbedder(nn.Module):
     """Draws class latents for labels and decodes latents back to labels.
 
@@ -158,10 +182,11 @@ class ClassEmbedder(nn.Module):
 
 
 def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, patch_size=10, blur_sigma=2.0,
-                   low_res=6, vectors=None):
+                   low_res=6, vectors=None, dataset=None):
     """One place that turns the --embedding flags into a ClassEmbedder.
 
-    `vectors` (K, D) are the cached class-name embeddings that the 'clip' and 'text' kinds need.
+    `vectors` (K, D) are the class-name embeddings that the 'clip' and 'text' kinds need; without them
+    the cached ones of `dataset` are loaded (load_class_vectors).
     'learned' starts from the rectangle pattern, so it begins as a working latent and learns from there.
     """
     if kind not in KINDS:
@@ -175,6 +200,8 @@ def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, patch_size=1
     elif kind == "smoothrand":
         means = smoothrand_means(num_classes, shape, low_res, seed)
     elif kind in ("clip", "text"):
+        if vectors is None and dataset is not None:
+            vectors, _ = load_class_vectors(kind, dataset)
         if vectors is None or len(vectors) != num_classes:
             raise ValueError(f"the {kind!r} embedding needs one class-name vector per class")
         means = projected_means(vectors, shape, seed)

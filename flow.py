@@ -36,7 +36,21 @@ from torchdiffeq import odeint
 
 MODES = ("l2i", "i2l", "bidi")
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
+TIME_GRIDS = ("uniform", "end", "start", "ends")
 CLASS_TO_IMAGE, IMAGE_TO_CLASS = 0, 1
+
+
+def fixed_time_grid(steps, kind="uniform"):
+    """`steps` + 1 points from 0 to 1 in integration progress s (s = 0 where the solve starts):
+
+        uniform  s_i = i/n                  end   s_i = 1 - (1 - i/n)^2   (small steps near the end point)
+        start    s_i = (i/n)^2              ends  s_i = (1 - cos(pi i/n))/2 (small steps at both ends)
+    """
+    if kind not in TIME_GRIDS:
+        raise ValueError(f"unknown time grid {kind!r}; choose one of {', '.join(TIME_GRIDS)}")
+    u = torch.arange(steps + 1, dtype=torch.float64) / steps
+    s = {"uniform": u, "end": 1 - (1 - u) ** 2, "start": u**2, "ends": (1 - torch.cos(torch.pi * u)) / 2}[kind]
+    return s.float()
 
 
 class Flow:
@@ -111,12 +125,13 @@ class Flow:
 
     # ---------------------------------------------------------------- sampling
     def integrate(self, model, z, direction, cond_class=None, cfg_scale=1.0, solver="euler", steps=40,
-                  reverse=False, times=None):
+                  reverse=False, times=None, time_grid="uniform"):
         """Integrate dz/dt = v_theta from t=0 to 1 (or 1 to 0 with reverse). Returns (z_end, nfe).
 
         `direction` is passed to a bidi model; `cond_class` are the class ids of standard CFG.
         With `times` (an increasing grid in [0, 1]) the states at those times are returned instead,
-        stacked as (len(times), N, C, H, W).
+        stacked as (len(times), N, C, H, W). Fixed-step solvers take `steps` steps placed by
+        `time_grid` (see fixed_time_grid); dopri5 chooses its own.
         """
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -151,12 +166,13 @@ class Flow:
         if solver == "dopri5":
             states = odeint(velocity, z.float(), grid, method="dopri5", atol=1e-5, rtol=1e-5)
         else:
-            # An exact grid of `steps` equal steps (torchdiffeq's step_size option can add a sliver
-            # step from float rounding, which would make the reported NFE lie).
-            def uniform_grid(func, y0, t):
-                return torch.linspace(float(t[0]), float(t[-1]), steps + 1, device=t.device, dtype=t.dtype)
-            states = odeint(velocity, z.float(), grid, method=solver,
-                            options=dict(grid_constructor=uniform_grid))
+            # An exact grid of `steps` steps (torchdiffeq's step_size option can add a sliver step
+            # from float rounding, which would make the reported NFE lie).
+            progress = fixed_time_grid(steps, time_grid)
+
+            def fixed_grid(func, y0, t):
+                return (t[0] + (t[-1] - t[0]) * progress.to(t)).contiguous()
+            states = odeint(velocity, z.float(), grid, method=solver, options=dict(grid_constructor=fixed_grid))
         return (states[-1] if times is None else states), nfe
 
     @torch.no_grad()

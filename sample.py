@@ -2,18 +2,29 @@
 
     python sample.py runs/demo/last.pt                    # C2I grid: a row per class
     python sample.py runs/demo/last.pt --direction i2c    # I2C on real test images: accuracy + latents
+    python sample.py runs/demo/last.pt --interpolate 1 7 --num-steps 10     # C2I along m_1 -> m_7
+    python sample.py runs/demo/last.pt --arithmetic "1 + 7 - 3"             # C2I of m_1 + m_7 - m_3
+    python sample.py runs/demo/last.pt --trajectory       # z_t along the ODE, both ways: PNG + GIF
+    torchrun --nproc_per_node 4 sample.py runs/demo/last.pt --num-per-class 64   # sharded, same images
 
 C2I starts at a class latent x_class = m_c + std_scale * eps and integrates the flow to an image;
 I2C starts at a real image and integrates to a class latent, read off as the nearest class mean
 (by L2 and by cosine). Models trained one way (l2i or i2l) run the other way by integrating
 t from 1 back to 0 (flow.py). Uses the EMA weights.
+
+Noise is drawn from --seed for all samples on every process, then each process integrates its share,
+so the images do not depend on the number of processes; the interpolation and arithmetic strips use
+the noise of the plain C2I samples with the same seed.
 """
 import argparse
 import os
+import re
 import sys
 
 import torch
-from torchvision.utils import save_image
+import torch.distributed as dist
+from PIL import Image
+from torchvision.utils import make_grid, save_image
 
 import data
 from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
@@ -25,21 +36,81 @@ def to_pixels(x):
     return (x.float().clamp(-1, 1) + 1) / 2
 
 
+# ---------------------------------------------------------------- several processes (torchrun)
+
+def setup_distributed(device):
+    """Under torchrun (RANK is set): one process group, NCCL on GPUs and gloo on CPU; returns this
+    process's device. Without torchrun: one process, nothing to do."""
+    if "RANK" not in os.environ:
+        return device
+    on_gpu = str(device).startswith("cuda")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    if on_gpu:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return device
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def run_sharded(fn, *rows, sharded=False):
+    """(out, nfe) = fn(*rows), with the rows split into contiguous shares, one per process, and the
+    outputs gathered back in order on every process.
+
+    Every process holds all the inputs (drawn from the same seed), so which process computes a row
+    does not change it: N processes give the images of one. Shares are padded to equal size by
+    repeating the last row (all_gather needs equal sizes); the copies are dropped after gathering."""
+    if not (sharded and dist.is_initialized()):
+        return fn(*rows)
+    n, world, rank = len(rows[0]), dist.get_world_size(), dist.get_rank()
+    per = -(-n // world)
+    mine = torch.arange(rank * per, (rank + 1) * per).clamp(max=n - 1)
+    out, nfe = fn(*(r[mine.to(r.device)] for r in rows))
+    pieces = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(pieces, out.contiguous())
+    nfe = torch.tensor(nfe, device=out.device)
+    dist.all_reduce(nfe, op=dist.ReduceOp.MAX)
+    return torch.cat(pieces)[:n], int(nfe)
+
+
+def rank0_first(fn):
+    """Run fn on rank 0, then on the others (e.g. a dataset that rank 0 may have to write to disk
+    first); an error on rank 0 stops every rank instead of leaving them waiting."""
+    result, error = None, None
+    if is_main_process():
+        try:
+            result = fn()
+        except (ValueError, FileNotFoundError) as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise ValueError(error)
+    return result if is_main_process() else fn()
+
+
 @torch.no_grad()
 def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8,
-                  steps=40, solver="euler", cfg_scale=1.0, seed=0):
-    """Generate num_per_class images for each class; one row per class. Returns (images, labels, nfe)."""
+                  steps=40, solver="euler", cfg_scale=1.0, seed=0, sharded=False):
+    """Generate num_per_class images for each class; one row per class. Returns (images, labels, nfe).
+    With sharded=True (under torchrun) the processes split the work; only rank 0 writes."""
     classes = list(range(args["num_classes"])) if classes is None else classes
     y = torch.tensor(classes, device=device).repeat_interleave(num_per_class)
-    generator = torch.Generator(device).manual_seed(seed)
-    images, nfe = flow.c2i(model, embedder, y, generator=generator, steps=steps, solver=solver, cfg_scale=cfg_scale)
-    save_image(to_pixels(images), path, nrow=num_per_class, padding=1)
+    z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
+    images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, steps=steps, solver=solver,
+                                                      cfg_scale=cfg_scale), z, y, sharded=sharded)
+    if is_main_process():
+        save_image(to_pixels(images), path, nrow=num_per_class, padding=1)
     return images, y, nfe
 
 
 @torch.no_grad()
 def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, steps=40, solver="euler",
-                  cfg_scale=1.0, num_images=None, data_dir=None):
+                  cfg_scale=1.0, num_images=None, data_dir=None, sharded=False):
     """I2C on real test images: a row per class of (image, generated class latent) pairs.
 
     Returns (accuracy_l2, accuracy_cos, latents, labels) over num_images test images (default: the
@@ -54,14 +125,164 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
         picked = torch.cat([picked, torch.nonzero(rest)[:max(0, num_images - len(picked)), 0]])
     x_image = data.to_unit_range(test_images[picked]).to(device)
     labels = test_labels[picked].to(device)
-    latents = torch.cat([flow.i2c(model, embedder, chunk, steps=steps, solver=solver, cfg_scale=cfg_scale)[0]
-                         for chunk in x_image.split(500)])
+    latents, _ = run_sharded(lambda images: (torch.cat([
+        flow.i2c(model, embedder, chunk, steps=steps, solver=solver, cfg_scale=cfg_scale)[0]
+        for chunk in images.split(500)]), 0), x_image, sharded=sharded)
     pred_l2, pred_cos = embedder.decode(latents)
     n_grid = num_per_class * args["num_classes"]
     pairs = torch.stack([x_image[:n_grid], latents[:n_grid].to(x_image.dtype)], dim=1).flatten(0, 1)
-    save_image(to_pixels(pairs), path, nrow=2 * num_per_class, padding=1)
+    if is_main_process():
+        save_image(to_pixels(pairs), path, nrow=2 * num_per_class, padding=1)
     return ((pred_l2 == labels).float().mean().item(), (pred_cos == labels).float().mean().item(),
             latents, labels)
+
+
+# ---------------------------------------------------------------- latent interpolation and arithmetic
+
+def parse_class(text, class_names, num_classes):
+    """A class given by id ('7') or by name ('seven', case-insensitive) -> its id."""
+    text = text.strip()
+    if text.isdigit():
+        if int(text) >= num_classes:
+            raise ValueError(f"class {text} out of range: this model has classes 0..{num_classes - 1}")
+        return int(text)
+    lowered = [name.lower() for name in class_names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    known = f"one of: {', '.join(class_names)}" if class_names else "this dataset's names are not known here"
+    raise ValueError(f"unknown class {text!r}: give an id 0..{num_classes - 1} or a name ({known})")
+
+
+def parse_class_expression(expression, class_names, num_classes):
+    """'A + B - C' (ids or names) -> [(+1, a), (+1, b), (-1, c)].
+
+    Names may themselves hold '-' or spaces ('T-shirt/top', 'Ankle boot'), so each term is the
+    longest class name (or the run of digits) found where the term starts, not a split on '-'."""
+    terms, pos, sign = [], 0, 1
+    candidates = sorted(class_names, key=len, reverse=True)
+    while True:
+        while pos < len(expression) and expression[pos].isspace():
+            pos += 1
+        rest = expression[pos:]
+        match = re.match(r"\d+", rest)
+        token = match.group() if match else next(
+            (name for name in candidates if rest.lower().startswith(name.lower())), None)
+        if token is None:
+            raise ValueError(f"cannot read a class at {rest!r} in --arithmetic {expression!r}; "
+                             "write e.g. 'A + B - C' with class ids or names")
+        terms.append((sign, parse_class(token, class_names, num_classes)))
+        pos += len(token)
+        while pos < len(expression) and expression[pos].isspace():
+            pos += 1
+        if pos == len(expression):
+            break
+        if expression[pos] not in "+-":
+            raise ValueError(f"expected '+' or '-' at {expression[pos:]!r} in --arithmetic {expression!r}")
+        sign = 1 if expression[pos] == "+" else -1
+        pos += 1
+    if len(terms) < 2:
+        raise ValueError(f"--arithmetic {expression!r} has one class; combine two or more, e.g. 'A + B - C'")
+    return terms
+
+
+def mixed_latents(embedder, classes, weights, eps):
+    """Class latents of weighted class means, sharing their noise:
+
+        z = sum_k w_k m_k + sigma * eps,    sigma = sum_k |w_k| sigma_k / sum_k |w_k|
+
+    for each row of weights (F, k) and each noise eps (R, C, H, W): (R * F, C, H, W), noise-major.
+    sigma_k is std_scale (or the learned per-pixel std), so sigma = std_scale outside 'learned', and
+    a row with a single weight 1 is exactly that class's plain latent m_k + sigma_k eps."""
+    if embedder.kind == "noise":
+        raise ValueError("a 'noise' source has no class latents to interpolate or combine")
+    means = embedder.means.detach()[classes]
+    if embedder.kind == "learned":
+        stds = torch.exp(0.5 * embedder.logvar.detach()[classes])
+    else:
+        stds = torch.full_like(means, embedder.std_scale)
+    weights = weights.to(means)
+    mean = torch.einsum("fk,kchw->fchw", weights, means)
+    sigma = torch.einsum("fk,kchw->fchw", weights.abs(), stds) / weights.abs().sum(1).view(-1, 1, 1, 1)
+    return (mean[None] + sigma[None] * eps[:, None]).flatten(0, 1)
+
+
+def class_noise(embedder, num, seed, device):
+    """The eps of `num` class latents: the same draws as embedder(y, generator) with this seed, so
+    row r here matches the r-th plain C2I sample of a class (save_c2i_grid, same seed)."""
+    generator = torch.Generator(device).manual_seed(seed)
+    shape = (num,) + tuple(embedder.means.shape[1:])
+    return torch.randn(shape, generator=generator, device=device)
+
+
+@torch.no_grad()
+def interpolate(model, embedder, flow, class_a, class_b, num_steps=10, num_rows=1, seed=0, device="cpu",
+                sharded=False, **kw):
+    """C2I along the straight line z(a) = (1 - a) m_A + a m_B + sigma eps, a = 0 .. 1 in num_steps
+    frames, one row per noise draw. Returns (images (num_rows * num_steps, C, H, W), nfe)."""
+    a = torch.linspace(0, 1, num_steps)
+    weights = torch.stack([1 - a, a], dim=1)
+    classes = torch.tensor([class_a, class_b], device=device)
+    z = mixed_latents(embedder, classes, weights, class_noise(embedder, num_rows, seed, device))
+    y = torch.full((len(z),), class_a, device=device)  # class ids matter to standard CFG only (refused above)
+    return run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
+
+
+@torch.no_grad()
+def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", sharded=False, **kw):
+    """C2I of each term's class and of sum_k sign_k m_k, all with the same noise: a row per noise
+    draw, [class 1, ..., class n, result]. Returns (images (num_rows * (n + 1), C, H, W), nfe)."""
+    signs = torch.tensor([float(s) for s, _ in terms])
+    weights = torch.cat([torch.eye(len(terms)), signs[None]])
+    classes = torch.tensor([c for _, c in terms], device=device)
+    z = mixed_latents(embedder, classes, weights, class_noise(embedder, num_rows, seed, device))
+    y = torch.full((len(z),), terms[0][1], device=device)
+    return run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
+
+
+# ---------------------------------------------------------------- trajectories
+
+@torch.no_grad()
+def trajectories(model, embedder, flow, args, classes, num_steps=10, seed=0, device="cpu", data_dir=None,
+                 sharded=False, **kw):
+    """The states z_t at num_steps evenly spaced times along the ODE, from where it starts to where
+    it ends: C2I from one class latent per class (the latents save_c2i_grid draws with this seed),
+    and I2C from the first test image of each class (None for a noise-source model).
+    Returns (c2i (N, T, C, H, W), i2c (N, T, C, H, W) or None, nfe)."""
+    times = torch.linspace(0, 1, num_steps)
+    y = torch.tensor(classes, device=device)
+    z = embedder(y, torch.Generator(device).manual_seed(seed))
+
+    def along(integrate):  # integrate -> (states (T, n, ...), nfe); rows must come first to shard
+        def fn(*rows):
+            states, nfe = integrate(*rows)
+            return states.transpose(0, 1), nfe
+        return fn
+    c2i, nfe = run_sharded(along(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, times=times, **kw)),
+                           z, y, sharded=sharded)
+    if embedder.kind == "noise":
+        return c2i, None, nfe
+    test_images, test_labels = data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"],
+                                                 args["image_size"])
+    first = torch.stack([torch.nonzero(test_labels == c)[0, 0] for c in classes])
+    x_image = data.to_unit_range(test_images[first]).to(device)
+    i2c, nfe_i2c = run_sharded(along(lambda xx: flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
+                               sharded=sharded)
+    return c2i, i2c, max(nfe, nfe_i2c)
+
+
+def save_trajectory(c2i, i2c, png_path, gif_path, frame_ms=150):
+    """PNG: a row per trajectory (C2I rows, then I2C rows), time left to right.
+    GIF: frame k holds every trajectory's state k: a C2I row above an I2C row."""
+    rows = c2i if i2c is None else torch.cat([c2i, i2c])
+    save_image(to_pixels(rows.flatten(0, 1)), png_path, nrow=rows.shape[1], padding=1)
+    frames = []
+    for k in range(rows.shape[1]):
+        grid = make_grid(to_pixels(rows[:, k]), nrow=len(c2i), padding=1)
+        pixels = (grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        image = Image.fromarray(pixels)
+        frames.append(image.resize((2 * image.width, 2 * image.height), Image.NEAREST))  # 32 px is tiny
+    durations = [frame_ms] * (len(frames) - 1) + [6 * frame_ms]  # rest on the end point before looping
+    frames[0].save(gif_path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
 
 def main():
@@ -78,36 +299,109 @@ def main():
     p.add_argument("--data-dir", help="I2C: where the test set is (default: the training run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="output PNG (default: next to the checkpoint)")
+    extra = p.add_mutually_exclusive_group()
+    extra.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
+                       help="C2I along the line between the class latents of A and B (ids or names)")
+    extra.add_argument("--arithmetic", metavar="EXPR",
+                       help="C2I of a sum of class means such as 'A + B - C' (ids or names), beside each class's own")
+    extra.add_argument("--trajectory", action="store_true",
+                       help="the states z_t along the ODE, class -> image and image -> class: PNG strip + GIF")
+    p.add_argument("--num-steps", type=int, default=10, help="frames along the --interpolate line or the --trajectory")
+    p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
+    p.add_argument("--save-tensors", action="store_true",
+                   help="also write the raw samples (floats, before PNG rounding) to OUT with .pt")
     args = p.parse_args()
-    if args.steps <= 0 or args.num_per_class <= 0:
-        p.error("--steps and --num-per-class must be positive")
+    if args.steps <= 0 or args.num_per_class <= 0 or args.num_rows <= 0:
+        p.error("--steps, --num-per-class and --num-rows must be positive")
+    if args.num_steps < 2:
+        p.error("--num-steps must be at least 2 (the two end points)")
+    device = setup_distributed(args.device)
+    try:
+        run(args, device, p)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
+
+def run(args, device, parser):
+    sharded, main_process = dist.is_initialized(), is_main_process()
     ckpt = load_checkpoint(args.checkpoint)
-    model, embedder, flow, train_args = build_from_checkpoint(ckpt, args.device)
-    bad = [c for c in args.classes or [] if not 0 <= c < train_args["num_classes"]]
+    model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
+    num_classes, class_names = train_args["num_classes"], data.CLASS_NAMES[train_args["dataset"]]
+    bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
     if bad:
-        p.error(f"--classes {bad} out of range: this model has classes 0..{train_args['num_classes'] - 1}")
-    stem = os.path.splitext(args.checkpoint)[0]
-    out = args.out or f"{stem}_{args.direction}.png"
-    if args.direction == "c2i":
-        _, _, nfe = save_c2i_grid(model, embedder, flow, train_args, out, args.device, args.classes,
-                                  args.num_per_class, args.steps, args.solver, args.cfg_scale, args.seed)
-        print(f"wrote {out} (C2I, {args.solver} {nfe} NFE, cfg {args.cfg_scale})")
+        parser.error(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+    what = ("interpolate" if args.interpolate else "arithmetic" if args.arithmetic else
+            "trajectory" if args.trajectory else args.direction)
+    if what == "i2c" and train_args["embedding"] == "noise":  # say so now, before loading the test set
+        raise ValueError(f"{args.checkpoint} is a noise-source model (--embedding noise): it has no image -> class "
+                         "direction; use --direction c2i")
+    out = args.out or f"{os.path.splitext(args.checkpoint)[0]}_{what}.png"
+    if main_process:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
+    say = print if main_process else (lambda *a, **k: None)
+    saved = {}
+
+    if what == "interpolate":
+        class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
+        images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_steps, args.num_rows, args.seed,
+                                  device, sharded, **kw)
+        if main_process:
+            save_image(to_pixels(images), out, nrow=args.num_steps, padding=1)
+        saved = dict(images=images, classes=torch.tensor([class_a, class_b]))
+        say(f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_steps} frames, {nfe} NFE each)")
+    elif what == "arithmetic":
+        terms = parse_class_expression(args.arithmetic, class_names, num_classes)
+        images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, device, sharded, **kw)
+        if main_process:
+            save_image(to_pixels(images), out, nrow=len(terms) + 1, padding=1)
+        saved = dict(images=images, classes=torch.tensor([c for _, c in terms]),
+                     signs=torch.tensor([s for s, _ in terms]))
+        formula = " ".join(f"{'+' if s > 0 else '-'} m_{c}" for s, c in terms).lstrip("+ ")
+        say(f"wrote {out} (C2I of each class, then of {formula}; {nfe} NFE)")
+    elif what == "trajectory":
+        classes = args.classes or list(range(min(num_classes, 10)))
+        if sharded and embedder.kind != "noise":  # rank 0 may have to write the test set to disk first
+            rank0_first(lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or
+                                                  train_args["data_dir"], train_args["image_size"]))
+        c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_steps, args.seed, device,
+                                     args.data_dir, sharded, **kw)
+        gif = os.path.splitext(out)[0] + ".gif"
+        if main_process:
+            save_trajectory(c2i, i2c, out, gif)
+        saved = dict(c2i=c2i, classes=torch.tensor(classes), **({} if i2c is None else dict(i2c=i2c)))
+        say(f"wrote {out} and {gif} ({len(classes)} trajectories per direction, {args.num_steps} frames, {nfe} NFE)")
+    elif what == "c2i":
+        images, labels, nfe = save_c2i_grid(model, embedder, flow, train_args, out, device, args.classes,
+                                            args.num_per_class, args.steps, args.solver, args.cfg_scale, args.seed,
+                                            sharded)
+        saved = dict(images=images, labels=labels)
+        say(f"wrote {out} (C2I, {args.solver} {nfe} NFE, cfg {args.cfg_scale})")
     else:
+        if sharded:  # rank 0 may have to write the test set to disk first
+            rank0_first(lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or
+                                                  train_args["data_dir"], train_args["image_size"]))
         acc_l2, acc_cos, latents, labels = save_i2c_grid(
-            model, embedder, flow, train_args, out, args.device, min(args.num_per_class, 8), args.steps,
-            args.solver, args.cfg_scale, args.num_images, args.data_dir)
+            model, embedder, flow, train_args, out, device, min(args.num_per_class, 8), args.steps,
+            args.solver, args.cfg_scale, args.num_images, args.data_dir, sharded)
         latents_path = os.path.splitext(out)[0] + "_latents.pt"
         pred_l2, pred_cos = embedder.decode(latents)
-        torch.save(dict(latents=latents.cpu(), labels=labels.cpu(), pred_l2=pred_l2.cpu(),
-                        pred_cos=pred_cos.cpu()), latents_path)
-        print(f"I2C accuracy on {len(labels)} test images: {acc_l2:.4f} (L2), {acc_cos:.4f} (cosine)")
-        print(f"wrote {out} (image | latent pairs) and {latents_path}")
+        if main_process:
+            torch.save(dict(latents=latents.cpu(), labels=labels.cpu(), pred_l2=pred_l2.cpu(),
+                            pred_cos=pred_cos.cpu()), latents_path)
+        say(f"I2C accuracy on {len(labels)} test images: {acc_l2:.4f} (L2), {acc_cos:.4f} (cosine)")
+        say(f"wrote {out} (image | latent pairs) and {latents_path}")
+    if args.save_tensors and saved and main_process:
+        tensors_path = os.path.splitext(out)[0] + ".pt"
+        torch.save({k: v.cpu() for k, v in saved.items()}, tensors_path)
+        say(f"wrote {tensors_path}")
 
 
 if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank fails alike; say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

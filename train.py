@@ -14,6 +14,7 @@ learn MNIST in minutes on a laptop CPU. One training step:
 A run directory (--out) holds last.pt (+ kept snapshots), log.jsonl and PNG sample grids.
 """
 import argparse
+import glob
 import json
 import math
 import os
@@ -30,7 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import MODELS, CheckpointError, build_flow, build_model, load_checkpoint, save_checkpoint
+from checkpoint import (MODELS, CheckpointError, build_flow, build_model, load_checkpoint, resume_run, rng_state,
+                        save_checkpoint, set_rng_state)
 from embeddings import KINDS, build_embedder
 from flow import MODES, SOLVERS
 from model_dit import DIT_PRESETS
@@ -46,6 +48,9 @@ TRAIN_PRESETS = {
 }
 REFERENCE = dict(lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
+# What a resumed run may change (--max-steps: to train a finished run for longer); all else must match.
+RESUME_MAY_CHANGE = ("data_dir", "device", "bf16", "compile", "out", "resume", "max_steps", "log_every", "ckpt_every",
+                     "keep_every", "sample_every", "sample_steps", "sample_solver", "eval_every", "eval_samples")
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
                "unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                         "dropout", "num_heads")}
@@ -114,11 +119,12 @@ def get_args(argv=None):
     p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
     p.add_argument("--eval-samples", type=int, default=1000)
     args = p.parse_args(argv)
-    return resolve(args, p)
+    return resolve(args)
 
 
-def resolve(args, parser):
-    """Fill preset values, validate everything a user can get wrong, before any work starts."""
+def resolve(args):
+    """Fill preset values, validate everything a user can get wrong, before any work starts.
+    Errors are ValueErrors, not parser.error(), so that under torchrun one line is printed, by rank 0."""
     args.preset = args.preset or DEFAULT_PRESET[args.dataset]
     for key, value in {**REFERENCE, **TRAIN_PRESETS[args.preset]}.items():
         if getattr(args, key) is None:
@@ -134,19 +140,19 @@ def resolve(args, parser):
     if args.embedding == "noise":
         args.std_scale = 1.0
     if args.use_conditioning and args.embedding != "noise":
-        parser.error("--use-conditioning is standard class CFG for a noise source; a class-latent source "
+        raise ValueError("--use-conditioning is standard class CFG for a noise source; a class-latent source "
                      "already carries the class (use --embedding noise, or drop --use-conditioning)")
     if args.embedding == "noise" and args.mode != "l2i":
-        parser.error("--embedding noise has no class to read back: use --mode l2i")
+        raise ValueError("--embedding noise has no class to read back: use --mode l2i")
     if not 0 <= args.lambda_b <= 1:
-        parser.error(f"--lambda-b must lie in [0, 1], got {args.lambda_b}")
+        raise ValueError(f"--lambda-b must lie in [0, 1], got {args.lambda_b}")
     if not 0 <= args.cfg_dropout < 1:
-        parser.error(f"--cfg-dropout must lie in [0, 1), got {args.cfg_dropout}")
+        raise ValueError(f"--cfg-dropout must lie in [0, 1), got {args.cfg_dropout}")
     if args.std_scale < 0:
-        parser.error(f"--std-scale must be >= 0, got {args.std_scale}")
+        raise ValueError(f"--std-scale must be >= 0, got {args.std_scale}")
     for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "sample_every"):
         if getattr(args, key) <= 0:
-            parser.error(f"--{key.replace('_', '-')} must be positive")
+            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     return args
 
 
@@ -218,40 +224,51 @@ def check_out_dir(args):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or another --out")
     if args.resume and not os.path.exists(os.path.join(args.out, "last.pt")):
         raise ValueError(f"--resume: no {os.path.join(args.out, 'last.pt')} to resume from")
+    for partial in glob.glob(os.path.join(args.out, ".tmp-*.pt")):  # left by a save that was killed
+        os.remove(partial)
 
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
-    for ema_p, p in zip(ema.parameters(), model.parameters()):
-        ema_p.lerp_(p.detach(), 1 - decay)
+    ema_params = list(ema.parameters())
+    if ema_params:  # one multi-tensor kernel, not one launch per parameter (~100 for a DiT)
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
     for ema_b, b in zip(ema.buffers(), model.buffers()):
         ema_b.copy_(b)
+
+
+def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, generator, autocast, args, ddp=False):
+    """One optimisation step on a uint8 batch (bench.py times exactly this). Returns (total loss,
+    per-sample loss, the flow's batch), all left on the device: nothing here waits for the GPU."""
+    x_image = data.to_unit_range(x_uint8)
+    if args.dataset in data.FLIP_DATASETS:
+        x_image = data.random_hflip(x_image, generator)
+    with autocast:
+        loss, per_sample, batch = flow.loss(train_model, x_image, y, embedder, generator)
+        total = loss + args.kl_weight * embedder.kl_loss()
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if ddp and args.embedding == "learned":  # the class latents live outside DDP: average by hand
+        for p in embedder.parameters():
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    optimizer.step()
+    return total, per_sample, batch
 
 
 def lr_at(step, args):
     return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
 
 
-def rng_state(generator):
-    return dict(python=random.getstate(), numpy=np.random.get_state()[1].tolist(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                generator=generator.get_state())
-
-
-def set_rng_state(state, generator):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), 624))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    generator.set_state(state["generator"])
-
-
 def main(args):
     ddp, rank, world_size, device = setup_distributed(args)
     master = rank == 0
     on_rank0(lambda: check_out_dir(args), ddp, master)
+    control = dist.new_group(backend="gloo") if ddp else None  # for host-side flags: no wait on the GPU
+    # Rank 0 checks the checkpoint before any work, so that a bad one stops every rank with one message.
+    if args.resume:
+        ckpt = on_rank0(lambda: resume_run(args.out, vars(args), RESUME_MAY_CHANGE, device), ddp, master)
+        ckpt = ckpt if master else load_checkpoint(os.path.join(args.out, "last.pt"), map_location=device)
     seed = args.seed * world_size + rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)  # the flow's t, noise, pairing and flips
@@ -259,17 +276,15 @@ def main(args):
 
     # Data: rank 0 finds (or fetches, or caches) it first; the others then read what it wrote.
     load_train = lambda: data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
-    images, labels = on_rank0(load_train, ddp, master)
-    if not master:
-        images, labels = load_train()
+    loaded = on_rank0(load_train, ddp, master)
+    images, labels = loaded if master else load_train()
     batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
-    flip = args.dataset in data.FLIP_DATASETS
 
     model = build_model(vars(args)).to(device)
     if args.model == "unet":  # convolutions run faster in NHWC on both oneDNN (CPU) and cuDNN
         model = model.to(memory_format=torch.channels_last)
     embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
-                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res).to(device)
+                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res, dataset=args.dataset).to(device)
     ema, ema_embedder = deepcopy(model).eval(), deepcopy(embedder).eval()
     for p in list(ema.parameters()) + list(ema_embedder.parameters()):
         p.requires_grad_(False)
@@ -280,7 +295,6 @@ def main(args):
 
     step = 0
     if args.resume:
-        ckpt = load_checkpoint(os.path.join(args.out, "last.pt"), map_location=device)
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
         embedder.load_state_dict(ckpt["embedder"]), ema_embedder.load_state_dict(ckpt["ema_embedder"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -320,25 +334,16 @@ def main(args):
     # Running sums stay on the device so the loop never waits for the GPU except when it logs.
     sums = torch.zeros(6, device=device)  # loss, n, loss c->i, n c->i, loss i->c, n i->c
     first_bad_step = torch.tensor(-1, device=device)
-    t_last, step_last = time.time(), step
+    t_last, step_last, saved_step = time.time(), step, step
     model.train()
     while step < args.max_steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         x_uint8, y = batches.next()
-        x_image = data.to_unit_range(x_uint8)
-        if flip:
-            x_image = data.random_hflip(x_image, generator)
-        with autocast:
-            loss, per_sample, batch = flow.loss(train_model, x_image, y, embedder, generator)
-            total = loss + args.kl_weight * embedder.kl_loss()
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if ddp and args.embedding == "learned":  # the class latents live outside DDP: average by hand
-            for p in embedder.parameters():
-                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
+        if step + 1 == int(os.environ.get("XFM_TEST_NAN_AT_STEP", -1)):  # test-only: poison the weights
+            torch._foreach_mul_([p.detach() for p in params], math.nan)
+        total, per_sample, batch = train_step(train_model, embedder, flow, optimizer, params, x_uint8, y,
+                                              generator, autocast, args, ddp)
         decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
         update_ema(ema, model, decay), update_ema(ema_embedder, embedder, decay)
         step += 1
@@ -350,14 +355,24 @@ def main(args):
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(total.detach()),
                                      torch.full((), step, device=device), first_bad_step)
 
-        last = step == args.max_steps or bool(stop_requested)
+        stop = torch.tensor(len(stop_requested))
+        if ddp:  # SIGTERM reaches the ranks at different steps: they must agree, or one waits forever
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=control)
+        last = step == args.max_steps or bool(stop)
+        save_now = step % args.ckpt_every == 0 or last
+        if step % args.log_every == 0 or save_now:  # checked before every save: no poisoned checkpoint
+            if save_now:  # an inf gradient can follow a finite loss: check the very weights to be saved
+                finite = torch.stack([p.isfinite().all() for p in params]).all()
+                first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
+            if ddp:
+                dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
+            if first_bad_step.item() >= 0:
+                kept = f"{args.out}/last.pt keeps step {saved_step}" if saved_step else "no checkpoint was written"
+                raise FloatingPointError(f"loss or weights became non-finite at step {first_bad_step.item()}; "
+                                         f"stopped without saving, {kept} (try a lower --lr)")
         if step % args.log_every == 0 or last:
             if ddp:
                 dist.all_reduce(sums)
-                dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
-            if first_bad_step.item() >= 0:
-                raise FloatingPointError(f"loss became non-finite at step {first_bad_step.item()}; "
-                                         f"not saving: {args.out}/last.pt keeps the last good state")
             s = sums.tolist()
             now = time.time()
             img_per_s = (step - step_last) * args.batch_size / (now - t_last)
@@ -374,17 +389,23 @@ def main(args):
                 log.write(json.dumps(record) + "\n"), log.flush()
             sums.zero_()
             t_last, step_last = now, step
-        if step % args.ckpt_every == 0 or last:
+        if save_now:
             save(os.path.join(args.out, "last.pt"))
+            saved_step = step
             snapshot = os.path.join(args.out, f"step_{step}.pt")
             if master and step % args.keep_every == 0 and not os.path.exists(snapshot):
                 os.link(os.path.join(args.out, "last.pt"), snapshot)  # a hard link: no second copy on disk
-        if master and (step % args.sample_every == 0 or last):
-            write_samples(ema, ema_embedder, flow, args, step, device, autocast)
-        if args.eval_every and (step % args.eval_every == 0 or last) and master:
-            record = evaluate_during_training(ema, ema_embedder, flow, args, step, device)
-            log.write(json.dumps(record) + "\n"), log.flush()
-        if stop_requested:
+        # Rank-0 work goes through on_rank0 (its errors stop every rank) and fork_rng (it must not
+        # move the training's random streams, or a resumed run would differ from an uninterrupted one).
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if step % args.sample_every == 0 or last:
+                on_rank0(lambda: write_samples(ema, ema_embedder, flow, args, step, device, autocast), ddp, master)
+            if args.eval_every and (step % args.eval_every == 0 or last):
+                record = on_rank0(lambda: evaluate_during_training(ema, ema_embedder, flow, args, step, device),
+                                  ddp, master)
+                if master:
+                    log.write(json.dumps(record) + "\n"), log.flush()
+        if stop:
             if master:
                 print(f"SIGTERM: saved step {step} to {args.out}/last.pt; continue with --resume")
             break
@@ -415,9 +436,8 @@ def evaluate_during_training(ema, ema_embedder, flow, args, step, device):
 
 
 if __name__ == "__main__":
-    arguments = get_args()
     try:
-        main(arguments)
+        main(get_args())
     except USER_ERRORS as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike; say it once
             print(f"error: {e}", file=sys.stderr)

