@@ -257,11 +257,25 @@ def test_trajectories_run_from_the_sources_to_the_plain_samples_both_ways(run, t
         assert gif.n_frames == 4 and gif.size == (2 * (3 * 33 + 1), 2 * (2 * 33 + 1))
 
 
+def test_trajectories_of_one_way_models_also_run_from_source_to_target(run):
+    """An l2i model reaches I2C by integrating t from 1 back to 0; its frames still start at the image.
+    A constant velocity v = 1 makes every state known in closed form: z_t = z_0 + t."""
+    from flow import Flow
+    unit_velocity = lambda x, t, cond, direction=None: torch.ones_like(x)
+    e, args = run["embedder"], run["args"]
+    c2i, i2c, _ = sample.trajectories(unit_velocity, e, Flow("l2i"), args, [2, 5], num_steps=3, seed=0, **STEPS)
+    latents = e(torch.tensor([2, 5]), torch.Generator().manual_seed(0))
+    assert torch.allclose(c2i, latents[:, None] + torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1, 1), atol=1e-6)
+    x_image = i2c[:, 0]
+    assert x_image.min() >= -1 and x_image.max() <= 1  # a real image, not a latent
+    assert torch.allclose(i2c, x_image[:, None] - torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1, 1), atol=1e-6)
+
+
 # ---------------------------------------------------------------- several processes
 
 def test_two_processes_give_the_same_c2i_samples_as_one(run, tmp_path):
-    cmd = [os.path.join(os.path.dirname(PYTHON), "torchrun"), "--nproc_per_node", "2", "sample.py", run["path"],
-           "--num-per-class", "3", "--steps", "3", "--seed", "4", "--save-tensors", "--device", "cpu",
+    torchrun = os.path.join(os.path.dirname(PYTHON), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "sample.py", run["path"], "--num-per-class", "3", "--steps", "3", "--seed", "4", "--save-tensors", "--device", "cpu",
            "--out", str(tmp_path / "c2i.png")]
     result = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

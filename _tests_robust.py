@@ -203,6 +203,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_d
     (["--std-scale", "-1"], "--std-scale must be >= 0, got -1.0"),
     (["--use-conditioning"], "--use-conditioning is standard class CFG for a noise source"),
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
+    (["--keep-every", "0"], "--keep-every must be positive, got 0"),
 ])
 def test_invalid_flags_end_train_py_with_one_line(data_dir, tmp_path, argv, message):
     assert_one_line_error(*train(data_dir, tmp_path, *argv), message)
@@ -269,9 +270,10 @@ def bad_files(reference, tmp_path_factory):
     ("foreign.pt", "is a .pt file but not an xfm checkpoint"),
     ("malicious.pt", "refusing to load"),
 ])
-def test_sample_py_rejects_unusable_checkpoints_with_one_line(bad_files, name, message):
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
+def test_sample_and_evaluate_reject_unusable_checkpoints_with_one_line(bad_files, script, name, message):
     folder, marker = bad_files
-    assert_one_line_error(*run_script("sample.py", folder / name), message)
+    assert_one_line_error(*run_script(script, folder / name), message)
     assert not marker.exists()
 
 

@@ -120,11 +120,13 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     generator = torch.Generator(device).manual_seed(0)
-    images = torch.randint(0, 256, (2 * batch_size, *args.data_shape), dtype=torch.uint8, generator=generator,
+    images = torch.randint(0, 256, (8 * batch_size, *args.data_shape), dtype=torch.uint8, generator=generator,
                            device=device)
-    labels = torch.randint(0, args.num_classes, (2 * batch_size,), generator=generator, device=device)
+    labels = torch.randint(0, args.num_classes, (8 * batch_size,), generator=generator, device=device)
     batches = data.Batches(images, labels, batch_size, seed=0, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    if compile:
+        torch._dynamo.reset()  # a fresh compile per configuration, not a recompile of the last one
     train_model = torch.compile(model) if compile else model
 
     def step():
@@ -147,10 +149,13 @@ def count_step_flops(parts, device, batch_size):
     return counter.get_total_flops() / 2 * batch_size
 
 
-def host_syncs_per_step(step, device):
-    """How many times one training step makes the CPU wait for the GPU (CUDA only; 0 is the goal)."""
+def host_syncs_per_step(step, batches, device):
+    """How many times one training step makes the CPU wait for the GPU (CUDA only; 0 is the goal).
+    Not the first step of an epoch, which copies the epoch's shuffled order to the GPU once."""
     if device.type != "cuda":
         return None
+    if batches.offset == 0:
+        step()
     import warnings
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -191,7 +196,7 @@ def bench_training(config, device, peak_tflops, warmup, windows, window_seconds)
                 step()
             synchronize(device)
             warmup_seconds = time.perf_counter() - start
-            repeats = max(1, min(50, round(window_seconds / max(warmup_seconds / warmup, 1e-6))))
+            repeats = max(1, min(100, round(window_seconds / median_seconds(step, device, 1, 1))))
             seconds = median_seconds(step, device, windows, repeats)
             peak_mb = memory_peak(device, baseline)
             break
@@ -204,12 +209,14 @@ def bench_training(config, device, peak_tflops, warmup, windows, window_seconds)
     result = dict(config, batch_size=batch_size, img_per_s=batch_size / seconds, step_ms=1000 * seconds,
                   peak_mem_mb=peak_mb, gflop_per_step=flops / 1e9,
                   mfu=flops / seconds / (peak_tflops["bf16" if config["bf16"] else "fp32"] * 1e12),
-                  warmup_s=warmup_seconds, host_syncs_per_step=host_syncs_per_step(step, device),
+                  warmup_s=warmup_seconds, host_syncs_per_step=host_syncs_per_step(step, parts["batches"], device),
                   compile_rel_loss_diff=compiled_loss_agreement(parts) if config["compile"] else None)
     return result
 
 
 def training_configs(presets, precisions, compile_modes, batch_size=None):
+    """Most telling first, so that a time budget cuts the least useful: eager in the first precision,
+    one compiled DiT, eager in the other precision, then the other compiled configurations."""
     configs = []
     for compile in compile_modes:
         for preset in presets:
@@ -218,7 +225,9 @@ def training_configs(presets, precisions, compile_modes, batch_size=None):
                     batch = batch_size or train.TRAIN_PRESETS[preset].get("batch_size", train.REFERENCE["batch_size"])
                     configs.append(dict(preset=preset, model=model, bf16=bf16, compile=compile,
                                         channels_last=channels_last, batch_size=batch))
-    return configs
+    first = [c for c in configs if not c["compile"] and c["bf16"] == precisions[0]]
+    compiled = [c for c in configs if c["compile"]]
+    return first + compiled[:1] + [c for c in configs if not c["compile"] and c not in first] + compiled[1:]
 
 
 # ---------------------------------------------------------------- sampling and features
@@ -275,14 +284,18 @@ def run_benchmarks(args, device):
                                         1 if args.quick else 3)
     report["inception"] = bench_inception(device, 200 if cuda else 2 if args.quick else 8, 1 if args.quick else 3)
     precisions = ((train.bf16_is_fast(device),) if args.quick else (True, False))
-    warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, 5, 0.5)
+    warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
     for config in training_configs(args.presets, precisions, args.compile, args.batch_size):
         if time.time() > deadline - (60 if config["compile"] else 3):
             report["skipped"].append(config)
             continue
-        report["training"].append(bench_training(config, device, report["matmul_tflops"], warmup, windows,
-                                                 window_seconds))
-        print(format_row(report["training"][-1]), flush=True)
+        try:
+            report["training"].append(bench_training(config, device, report["matmul_tflops"], warmup, windows,
+                                                     window_seconds))
+            print(format_row(report["training"][-1]), flush=True)
+        except Exception as error:  # e.g. no compiler for torch.compile: record it, measure the rest
+            report.setdefault("failed", []).append(dict(config, error=f"{type(error).__name__}: {error}"[:500]))
+            print(f"failed: {config}: {type(error).__name__}: {error}"[:300], flush=True)
         write_json(report, args.json)
     return report
 
@@ -307,10 +320,9 @@ def sweep_settings():
     """(solver, steps, time grid), most informative first so a time budget cuts the least useful."""
     def grid_sweep(pairs, grids=TIME_GRIDS):
         return [(solver, steps, grid) for grid in grids for solver, steps in pairs]
-    return ([("euler", 40, "uniform")]
-            + grid_sweep((("midpoint", 8), ("rk4", 4), ("euler", 16)))
-            + grid_sweep((("midpoint", 4), ("rk4", 2), ("euler", 8)))
-            + [("dopri5", None, "uniform"), ("euler", 100, "uniform")]
+    at16, at8 = (("midpoint", 8), ("rk4", 4), ("euler", 16)), (("midpoint", 4), ("rk4", 2), ("euler", 8))
+    return ([("euler", 40, "uniform")] + grid_sweep(at16, ["uniform"]) + [("dopri5", None, "uniform")]
+            + grid_sweep(at16, TIME_GRIDS[1:]) + grid_sweep(at8) + [("euler", 100, "uniform")]
             + grid_sweep((("euler", 4), ("midpoint", 2), ("rk4", 1)))
             + grid_sweep((("midpoint", 6), ("rk4", 3), ("euler", 12))))
 
@@ -324,9 +336,10 @@ def nfe_sweep(args, device):
     ckpt = load_checkpoint(args.nfe_sweep)
     model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
     inception = evaluate.load_inception(device, args.inception)
+    chunk = 1000 if device.type == "cuda" else 100
     test_images, test_labels = data.load_dataset(train_args["dataset"], "test", args.data_dir,
                                                  train_args["image_size"])
-    real_features = evaluate.inception_features(inception, test_images[:args.num_real])
+    real_features = evaluate.inception_features(inception, test_images[:args.num_real], batch_size=chunk // 2)
     real_stats = evaluate.feature_stats(real_features.numpy())
     classifier = evaluate.load_classifier(train_args["dataset"], args.data_dir, device)
     y = torch.arange(args.num_samples, device=device) % train_args["num_classes"]
@@ -337,7 +350,6 @@ def nfe_sweep(args, device):
                   num_real=len(real_features), num_i2c=args.num_i2c, device=str(device), tf32=device.type == "cuda",
                   inception=args.inception or "default", classifier_test_acc=classifier.test_accuracy,
                   results=[], skipped=[])
-    chunk = 1000 if device.type == "cuda" else 100
     for solver, steps, grid in sweep_settings():
         if time.time() > deadline:
             report["skipped"].append([solver, steps, grid])
@@ -348,8 +360,8 @@ def nfe_sweep(args, device):
         synchronize(device)
         c2i_seconds = time.perf_counter() - start
         images = torch.cat([x for x, _ in runs])
-        fid = evaluate.frechet_distance(*evaluate.feature_stats(
-            evaluate.inception_features(inception, images).numpy()), *real_stats)
+        features = evaluate.inception_features(inception, images, batch_size=chunk // 2)
+        fid = evaluate.frechet_distance(*evaluate.feature_stats(features.numpy()), *real_stats)
         latents = torch.cat([flow.i2c(model, embedder, x_test[i:i + chunk], **kw)[0]
                              for i in range(0, len(x_test), chunk)])
         pred_l2, pred_cos = embedder.decode(latents)
@@ -362,6 +374,7 @@ def nfe_sweep(args, device):
         write_json(report, args.json)
         if args.plot:
             plot_fid_vs_nfe(report["results"], args.plot)
+    write_json(report, args.json)
     return report
 
 
@@ -438,6 +451,8 @@ def main():
     p.add_argument("--batch-size", type=int, help="default: the preset's on a GPU, 16 on a CPU")
     p.add_argument("--compile", choices=("off", "on", "both"), help="default: both on a GPU, else off")
     p.add_argument("--checkpoint", help="time sampling with this trained model (default: random weights)")
+    p.add_argument("--windows", type=int, default=5, help="timed windows per configuration (median)")
+    p.add_argument("--window-seconds", type=float, default=0.5, help="length of one timed window")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; later configurations are skipped")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--nfe-sweep", metavar="CHECKPOINT", help="FID / accuracies against NFE for this model")

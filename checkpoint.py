@@ -30,6 +30,10 @@ from model_dit import DiT
 from model_unet import UNet
 
 CHECKPOINT_FORMAT = "xfm-checkpoint-v1"
+# The train.py flags a resumed run may change (--max-steps: to train a finished run for longer); the
+# others must match the checkpoint's, or the result would not be a continuation of the same run.
+RESUME_MAY_CHANGE = ("data_dir", "device", "bf16", "compile", "out", "resume", "max_steps", "log_every", "ckpt_every",
+                     "keep_every", "sample_every", "sample_steps", "sample_solver", "eval_every", "eval_samples")
 MODELS = ("dit", "unet")
 
 
@@ -84,7 +88,7 @@ def set_rng_state(state, generator):
     generator.set_state(state["generator"])
 
 
-def check_same_run(saved_args, args, may_change):
+def check_same_run(saved_args, args, may_change=RESUME_MAY_CHANGE):
     """A resumed run must continue the saved one: every flag but those in `may_change` must match."""
     plain = lambda v: tuple(v) if isinstance(v, list) else v  # --betas given on the command line is a list
     differ = [f"--{k.replace('_', '-')} ({saved_args[k]!r} in the checkpoint, {args[k]!r} now)" for k in saved_args
@@ -94,11 +98,11 @@ def check_same_run(saved_args, args, may_change):
                               "repeat the original flags (only --max-steps and output/device flags may change)")
 
 
-def resume_run(out, args, may_change, map_location="cpu"):
+def resume_run(out, args, map_location="cpu"):
     """out/last.pt, checked to continue the run `args` describes. out/log.jsonl is cut back to its step:
     a killed run may have logged steps after its last save, which the resumed run redoes."""
     ckpt = load_checkpoint(os.path.join(out, "last.pt"), map_location)
-    check_same_run(ckpt["args"], args, may_change)
+    check_same_run(ckpt["args"], args)
     log_path = os.path.join(out, "log.jsonl")
     if os.path.exists(log_path):
         with open(log_path) as f:  # a line without its newline is a write cut short by the kill

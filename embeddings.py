@@ -118,7 +118,8 @@ def load_class_vectors(kind, dataset, directory=CLASS_VECTORS_DIR):
     path = class_vectors_path(kind, dataset, directory)
     make = f"python class_vectors.py --kind {kind} --dataset {dataset}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no cached {kind!r} class-name vectors for {dataset} at {path}; make them with: {make}")
+        raise FileNotFoundError(f"no cached {kind!r} class-name vectors for {dataset} at {path}; "
+                                f"make them with: {make}")
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which, and how to remake it

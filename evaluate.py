@@ -701,8 +701,8 @@ def _format_row(name, r):
 
 
 def main(args):
-    print(f"{'checkpoint':24} {'cfg':>5} {'steps':>5} {'NFE':>5} {'FID':>9} {'P %':>6} {'R %':>6} "
-          f"{'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} {'seconds':>8}", flush=True)
+    header = (f"{'checkpoint':24} {'cfg':>5} {'steps':>5} {'NFE':>5} {'FID':>9} {'P %':>6} {'R %':>6} "
+              f"{'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} {'seconds':>8}")
     for path in args.checkpoints:
         ckpt = load_checkpoint(path)
         model, embedder, flow, train_args = build_from_checkpoint(ckpt, args.device)
@@ -714,6 +714,9 @@ def main(args):
                     args.device, k=args.k, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
                     inception_weights=args.inception)
                 results.append(result)
+                if header:
+                    print(header)
+                    header = None
                 print(_format_row(os.path.basename(path), result), flush=True)
         out = os.path.splitext(path)[0] + '.eval.json'
         with open(out + '.tmp', 'w') as f:

@@ -113,26 +113,24 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
                   cfg_scale=1.0, num_images=None, data_dir=None, sharded=False):
     """I2C on real test images: a row per class of (image, generated class latent) pairs.
 
-    Returns (accuracy_l2, accuracy_cos, latents, labels) over num_images test images (default: the
-    grid's images only)."""
+    Returns (accuracy_l2, accuracy_cos, latents, labels) over the first num_images test images
+    (default: the grid's images)."""
     test_images, test_labels = data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"],
                                                  args["image_size"])
-    # The first num_per_class test images of every class, then more in test-set order.
-    picked = torch.cat([torch.nonzero(test_labels == c)[:num_per_class, 0] for c in range(args["num_classes"])])
-    if num_images is not None:
-        rest = torch.ones(len(test_labels), dtype=torch.bool)
-        rest[picked] = False
-        picked = torch.cat([picked, torch.nonzero(rest)[:max(0, num_images - len(picked)), 0]])
+    grid = torch.cat([torch.nonzero(test_labels == c)[:num_per_class, 0] for c in range(args["num_classes"])])
+    scored = grid if num_images is None else torch.arange(min(num_images, len(test_labels)))
+    picked = torch.cat([grid, scored])
     x_image = data.to_unit_range(test_images[picked]).to(device)
     labels = test_labels[picked].to(device)
     latents, _ = run_sharded(lambda images: (torch.cat([
         flow.i2c(model, embedder, chunk, steps=steps, solver=solver, cfg_scale=cfg_scale)[0]
         for chunk in images.split(500)]), 0), x_image, sharded=sharded)
-    pred_l2, pred_cos = embedder.decode(latents)
-    n_grid = num_per_class * args["num_classes"]
+    n_grid = len(grid)
     pairs = torch.stack([x_image[:n_grid], latents[:n_grid].to(x_image.dtype)], dim=1).flatten(0, 1)
     if is_main_process():
         save_image(to_pixels(pairs), path, nrow=2 * num_per_class, padding=1)
+    latents, labels = latents[n_grid:], labels[n_grid:]
+    pred_l2, pred_cos = embedder.decode(latents)
     return ((pred_l2 == labels).float().mean().item(), (pred_cos == labels).float().mean().item(),
             latents, labels)
 
@@ -342,6 +340,10 @@ def run(args, device, parser):
     kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
     say = print if main_process else (lambda *a, **k: None)
     saved = {}
+    if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
+        # Rank 0 first: it may have to write the test set to disk, which the others then read.
+        rank0_first(lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or train_args["data_dir"],
+                                              train_args["image_size"]))
 
     if what == "interpolate":
         class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
@@ -362,9 +364,6 @@ def run(args, device, parser):
         say(f"wrote {out} (C2I of each class, then of {formula}; {nfe} NFE)")
     elif what == "trajectory":
         classes = args.classes or list(range(min(num_classes, 10)))
-        if sharded and embedder.kind != "noise":  # rank 0 may have to write the test set to disk first
-            rank0_first(lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or
-                                                  train_args["data_dir"], train_args["image_size"]))
         c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_steps, args.seed, device,
                                      args.data_dir, sharded, **kw)
         gif = os.path.splitext(out)[0] + ".gif"
@@ -379,9 +378,6 @@ def run(args, device, parser):
         saved = dict(images=images, labels=labels)
         say(f"wrote {out} (C2I, {args.solver} {nfe} NFE, cfg {args.cfg_scale})")
     else:
-        if sharded:  # rank 0 may have to write the test set to disk first
-            rank0_first(lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or
-                                                  train_args["data_dir"], train_args["image_size"]))
         acc_l2, acc_cos, latents, labels = save_i2c_grid(
             model, embedder, flow, train_args, out, device, min(args.num_per_class, 8), args.steps,
             args.solver, args.cfg_scale, args.num_images, args.data_dir, sharded)

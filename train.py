@@ -48,9 +48,6 @@ TRAIN_PRESETS = {
 }
 REFERENCE = dict(lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
-# What a resumed run may change (--max-steps: to train a finished run for longer); all else must match.
-RESUME_MAY_CHANGE = ("data_dir", "device", "bf16", "compile", "out", "resume", "max_steps", "log_every", "ckpt_every",
-                     "keep_every", "sample_every", "sample_steps", "sample_solver", "eval_every", "eval_samples")
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
                "unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                         "dropout", "num_heads")}
@@ -141,7 +138,7 @@ def resolve(args):
         args.std_scale = 1.0
     if args.use_conditioning and args.embedding != "noise":
         raise ValueError("--use-conditioning is standard class CFG for a noise source; a class-latent source "
-                     "already carries the class (use --embedding noise, or drop --use-conditioning)")
+                         "already carries the class (use --embedding noise, or drop --use-conditioning)")
     if args.embedding == "noise" and args.mode != "l2i":
         raise ValueError("--embedding noise has no class to read back: use --mode l2i")
     if not 0 <= args.lambda_b <= 1:
@@ -150,7 +147,8 @@ def resolve(args):
         raise ValueError(f"--cfg-dropout must lie in [0, 1), got {args.cfg_dropout}")
     if args.std_scale < 0:
         raise ValueError(f"--std-scale must be >= 0, got {args.std_scale}")
-    for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "sample_every"):
+    for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "keep_every", "sample_every",
+                "sample_steps"):
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     return args
@@ -267,7 +265,7 @@ def main(args):
     control = dist.new_group(backend="gloo") if ddp else None  # for host-side flags: no wait on the GPU
     # Rank 0 checks the checkpoint before any work, so that a bad one stops every rank with one message.
     if args.resume:
-        ckpt = on_rank0(lambda: resume_run(args.out, vars(args), RESUME_MAY_CHANGE, device), ddp, master)
+        ckpt = on_rank0(lambda: resume_run(args.out, vars(args), device), ddp, master)
         ckpt = ckpt if master else load_checkpoint(os.path.join(args.out, "last.pt"), map_location=device)
     seed = args.seed * world_size + rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -395,8 +393,7 @@ def main(args):
             snapshot = os.path.join(args.out, f"step_{step}.pt")
             if master and step % args.keep_every == 0 and not os.path.exists(snapshot):
                 os.link(os.path.join(args.out, "last.pt"), snapshot)  # a hard link: no second copy on disk
-        # Rank-0 work goes through on_rank0 (its errors stop every rank) and fork_rng (it must not
-        # move the training's random streams, or a resumed run would differ from an uninterrupted one).
+        # Rank-0 work: its errors stop every rank; it leaves the random streams as they were (exact resume).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if step % args.sample_every == 0 or last:
                 on_rank0(lambda: write_samples(ema, ema_embedder, flow, args, step, device, autocast), ddp, master)
