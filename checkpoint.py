@@ -12,6 +12,9 @@ torch.load(weights_only=True) and a stranger's file cannot run code on your mach
     rng         per rank: python, numpy, torch CPU and CUDA states and the flow's generator (rng_state)
     data_state  per-epoch sampler position {'epoch', 'offset'} (data.Batches), so the next batch is the
                 one an uninterrupted run would have drawn
+
+Resuming (train.py --resume) goes through resume_run: the command must describe the saved run
+(check_same_run; only RESUME_MAY_CHANGE may differ), and log.jsonl is cut back to the checkpoint's step.
 """
 import json
 import os

@@ -451,9 +451,12 @@ def precision_recall(real_features, fake_features, k=3, block_size=1024):
 
 # ---------------------------------------------------------------- class accuracies
 
+def _accuracy(pred, labels):
+    return (pred == labels).sum().item() / max(len(labels), 1)
+
+
 def _per_class_accuracy(pred, labels, num_classes):
-    correct = (pred == labels).float()
-    return [correct[labels == c].mean().item() if (labels == c).any() else float('nan')
+    return [_accuracy(pred[labels == c], labels[labels == c]) if (labels == c).any() else None
             for c in range(num_classes)]
 
 
@@ -461,8 +464,7 @@ def i2c_accuracy(pred_l2, pred_cos, labels, num_classes=None):
     """Decoded I2C predictions (nearest class mean by L2 / cosine) vs the true labels."""
     pred_l2, pred_cos, labels = (torch.as_tensor(t).long().cpu() for t in (pred_l2, pred_cos, labels))
     num_classes = num_classes or int(labels.max()) + 1
-    return {'i2c_acc_l2': (pred_l2 == labels).float().mean().item(),
-            'i2c_acc_cos': (pred_cos == labels).float().mean().item(),
+    return {'i2c_acc_l2': _accuracy(pred_l2, labels), 'i2c_acc_cos': _accuracy(pred_cos, labels),
             'per_class_i2c_acc_l2': _per_class_accuracy(pred_l2, labels, num_classes),
             'per_class_i2c_acc_cos': _per_class_accuracy(pred_cos, labels, num_classes)}
 
@@ -512,8 +514,7 @@ def train_classifier(images, labels, test_images, test_labels, num_classes, epoc
     finally:
         torch.set_num_threads(threads)
     model.eval()
-    pred = classify(model, test_images.float() / 127.5 - 1)
-    return model, (pred == test_labels).float().mean().item()
+    return model, _accuracy(classify(model, test_images.float() / 127.5 - 1), test_labels)
 
 
 @torch.no_grad()
@@ -553,7 +554,7 @@ def c2i_class_accuracy(classifier, images, requested_labels):
     requested_labels = torch.as_tensor(requested_labels).long().cpu()
     pred = classify(classifier, images)
     num_classes = classifier.net[-1].out_features
-    return {'c2i_class_acc': (pred == requested_labels).float().mean().item(),
+    return {'c2i_class_acc': _accuracy(pred, requested_labels),
             'per_class_c2i_class_acc': _per_class_accuracy(pred, requested_labels, num_classes)}
 
 
@@ -573,7 +574,13 @@ def reference_features(dataset, data_dir, image_size, count, inception, split='t
     images, labels = data.load_dataset(dataset, split, data_dir, image_size)
     if count > len(images):
         raise ValueError(f'{count} reference images requested but the {dataset} {split} split has {len(images)}')
-    indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
+    # a seeded shuffle dealt round-robin over the classes, so any prefix is class-balanced like the samples
+    shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    rank_in_class = torch.empty(len(images), dtype=torch.long)
+    for c in labels.unique():
+        in_class = labels[shuffled] == c
+        rank_in_class[in_class] = torch.arange(int(in_class.sum()))
+    indices = shuffled[torch.argsort(rank_in_class * len(images) + torch.arange(len(images)))][:count]
     features = inception_features(inception, images[indices], batch_size)
     mu, sigma = feature_stats(features)
     reference = dict(features=features, labels=labels[indices], indices=indices,

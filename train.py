@@ -395,9 +395,9 @@ def main(args):
                 os.link(os.path.join(args.out, "last.pt"), snapshot)  # a hard link: no second copy on disk
         # Rank-0 work: its errors stop every rank; it leaves the random streams as they were (exact resume).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if step % args.sample_every == 0 or last:
+            if step % args.sample_every == 0 or step == args.max_steps:  # not on SIGTERM: exit fast
                 on_rank0(lambda: write_samples(ema, ema_embedder, flow, args, step, device, autocast), ddp, master)
-            if args.eval_every and (step % args.eval_every == 0 or last):
+            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
                 record = on_rank0(lambda: evaluate_during_training(ema, ema_embedder, flow, args, step, device),
                                   ddp, master)
                 if master:
