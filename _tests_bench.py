@@ -74,12 +74,15 @@ def test_reverse_integration_walks_the_same_grid_backwards(kind):
 
 @pytest.mark.parametrize("kind", TIME_GRIDS)
 def test_fixed_step_solvers_converge_at_their_order_on_every_grid(kind):
-    # dz/dt = cos(t) z: z(1) = exp(sin 1). Halving the steps divides the error by 2^order.
+    # dz/dt = cos(t) z: z(1) = exp(sin 1). Refining the grid h -> h/2 (euler) or h/4 (midpoint) divides
+    # the error by about 2 or 16; at 16 NFE each, rk4 4 beats midpoint 8 tenfold, which beats euler 16.
     exact = math.exp(math.sin(1.0))
-    for solver, order, steps in (("euler", 1, 16), ("midpoint", 2, 8), ("rk4", 4, 2)):
-        errors = [abs(integrate(lambda z, t: torch.cos(t) * z, solver, n, kind)[0].item() - exact)
-                  for n in (steps, 2 * steps)]
-        assert errors[0] / errors[1] == pytest.approx(2**order, rel=0.3), (solver, errors)
+
+    def error(solver, steps):
+        return abs(integrate(lambda z, t: torch.cos(t) * z, solver, steps, kind)[0].item() - exact)
+    assert error("euler", 16) / error("euler", 32) == pytest.approx(2, rel=0.15)
+    assert 10 < error("midpoint", 8) / error("midpoint", 32) < 20
+    assert error("rk4", 4) < error("midpoint", 8) / 10 and error("midpoint", 8) < error("euler", 16) / 3
 
 
 def test_unknown_time_grid_is_refused_with_the_choices():

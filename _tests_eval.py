@@ -8,12 +8,10 @@ import os
 import runpy
 import sys
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import data
 import evaluate
@@ -78,6 +76,7 @@ def test_fid_on_rank_deficient_covariances_is_a_finite_python_float(dim):
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root_x @ sigma_y @ root_x), 0, None)).sum()
     exact = np.sum((mu_x - mu_y) ** 2) + np.trace(sigma_x) + np.trace(sigma_y) - 2 * trace_sqrt
     assert fid == pytest.approx(exact, rel=1e-5)
+    assert abs(evaluate.frechet_distance(mu_x, sigma_x, mu_x, sigma_x)) < 1e-6 * np.trace(sigma_x)
 
 
 # ---------------------------------------------------------------- precision / recall
@@ -190,6 +189,7 @@ def test_pytorch_fid_release_format_loads_directly(inception, tmp_path):
 def test_without_any_weights_one_error_names_every_option(tmp_path, monkeypatch):
     monkeypatch.setenv('XFM_CACHE', str(tmp_path))
     monkeypatch.setattr(evaluate, '_wheel_file', lambda: None)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))  # no earlier download either
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError('network unreachable')

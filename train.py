@@ -34,7 +34,7 @@ import data
 from checkpoint import (MODELS, CheckpointError, build_flow, build_model, load_checkpoint, resume_run, rng_state,
                         save_checkpoint, set_rng_state)
 from embeddings import KINDS, build_embedder
-from flow import MODES, SOLVERS
+from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from model_dit import DIT_PRESETS
 from model_unet import UNET_PRESETS
 
@@ -111,8 +111,8 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=5000)
     p.add_argument("--keep-every", type=int, default=50_000, help="also keep step_N.pt every N steps")
     p.add_argument("--sample-every", type=int, default=5000)
-    p.add_argument("--sample-steps", type=int, default=40)
-    p.add_argument("--sample-solver", default="euler", choices=SOLVERS)
+    p.add_argument("--sample-steps", type=int, help="default: the solver's (flow.DEFAULT_STEPS)")
+    p.add_argument("--sample-solver", default=DEFAULT_SOLVER, choices=SOLVERS)
     p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
     p.add_argument("--eval-samples", type=int, default=1000)
     args = p.parse_args(argv)
@@ -149,7 +149,7 @@ def resolve(args):
         raise ValueError(f"--std-scale must be >= 0, got {args.std_scale}")
     for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "keep_every", "sample_every",
                 "sample_steps"):
-        if getattr(args, key) <= 0:
+        if getattr(args, key) is not None and getattr(args, key) <= 0:  # None: the default (sample_steps)
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     return args
 
@@ -279,7 +279,8 @@ def main(args):
     batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
 
     model = build_model(vars(args)).to(device)
-    if args.model == "unet":  # convolutions run faster in NHWC on both oneDNN (CPU) and cuDNN
+    # NHWC pays for the UNet on CPU (oneDNN) but cost 12-17% img/s on an H100 (bench.py; README, Speed).
+    if args.model == "unet" and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
                               args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res, dataset=args.dataset).to(device)
