@@ -283,7 +283,8 @@ def main(args):
     if args.model == "unet" and device.type == "cpu":
         model = model.to(memory_format=torch.channels_last)
     embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
-                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res, dataset=args.dataset).to(device)
+                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res,
+                              dataset=args.dataset).to(device)
     ema, ema_embedder = deepcopy(model).eval(), deepcopy(embedder).eval()
     for p in list(ema.parameters()) + list(ema_embedder.parameters()):
         p.requires_grad_(False)
