@@ -172,7 +172,10 @@ def setup_distributed(args):
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     ddp = "RANK" in os.environ
-    rank, local_rank, world_size = 0, 0, 1
+    rank, local_rank, world_size = 0, 0, int(os.environ.get("WORLD_SIZE", 1))
+    # Checked before the process group exists: every rank fails alike, and none dies mid-handshake.
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     if ddp:
         dist.init_process_group(backend="nccl" if args.device == "cuda" else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -182,8 +185,6 @@ def setup_distributed(args):
         torch.cuda.set_device(device)
     if args.bf16 is None:
         args.bf16 = bf16_is_fast(device)
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     return ddp, rank, world_size, device
 
 
