@@ -3,6 +3,7 @@
     python bench.py --quick                 # tiny presets, a few steps: a one-minute check on a CPU
     python bench.py                         # every preset, DiT and UNet, bf16 and fp32, compile off and on
     python bench.py --nfe-sweep runs/mnist/last.pt --num-samples 5000    # FID, I2C accuracy vs NFE
+    python bench.py --loss-curves 200 --batch-size 16    # speed changes keep the fixed-seed loss curve?
 
 Training speed is the real step of train.py (train.train_step: flow.loss in bidi mode, AdamW,
 gradient clipping; then the EMA update) on a synthetic uint8 dataset already on the device, at the
@@ -19,6 +20,10 @@ resident set (VmHWM, reset per configuration) over its size when the configurati
 
 The NFE sweep samples the same class latents with every solver / step count / time grid and scores
 them with the FID Inception (vs the test set), the I2C accuracy and the C2I class-consistency.
+
+The loss curves train the tiny DiT and UNet on MNIST from one seed with each speed change (NHWC,
+torch.compile) and without, and from a second seed: a change keeps the curve if it stays nearer the
+plain eager curve than the second seed does.
 """
 import argparse
 import copy
@@ -105,11 +110,12 @@ def memory_peak(device, baseline):
 
 # ---------------------------------------------------------------- training
 
-def build_training(preset, model_name, batch_size, device, bf16, compile, channels_last):
-    """Everything train.main builds for one step, on a synthetic dataset of the preset's shape."""
+def build_training(preset, model_name, batch_size, device, bf16, compile, channels_last, dataset=None, seed=0):
+    """Everything train.main builds for one step, on `dataset` (uint8 images, labels) or a synthetic
+    one of the preset's shape. step() returns the loss, left on the device."""
     args = train.get_args(["--dataset", PRESET_DATASET[preset], "--preset", preset, "--model", model_name,
                            "--mode", "bidi", "--batch-size", str(batch_size)])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(vars(args)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -121,11 +127,12 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
     params = list(model.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    generator = torch.Generator(device).manual_seed(0)
-    images = torch.randint(0, 256, (8 * batch_size, *args.data_shape), dtype=torch.uint8, generator=generator,
-                           device=device)
-    labels = torch.randint(0, args.num_classes, (8 * batch_size,), generator=generator, device=device)
-    batches = data.Batches(images, labels, batch_size, seed=0, device=device)
+    generator = torch.Generator(device).manual_seed(seed)
+    if dataset is None:
+        dataset = (torch.randint(0, 256, (8 * batch_size, *args.data_shape), dtype=torch.uint8, generator=generator,
+                                 device=device),
+                   torch.randint(0, args.num_classes, (8 * batch_size,), generator=generator, device=device))
+    batches = data.Batches(*dataset, batch_size, seed=seed, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if compile:
         torch._dynamo.reset()  # a fresh compile per configuration, not a recompile of the last one
@@ -133,8 +140,10 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
 
     def step():
         x_uint8, y = batches.next()
-        train.train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, generator, autocast, args)
+        loss = train.train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, generator, autocast,
+                                args)[0]
         train.update_ema(ema, model, args.ema_decay), train.update_ema(ema_embedder, embedder, args.ema_decay)
+        return loss.detach()
     return step, dict(args=args, model=model, train_model=train_model, embedder=embedder, flow=flow,
                       generator=generator, autocast=autocast, batches=batches)
 
@@ -232,6 +241,30 @@ def training_configs(presets, precisions, compile_modes, batch_size=None):
     return first + compiled[:1] + [c for c in configs if not c["compile"] and c not in first] + compiled[1:]
 
 
+def loss_curves(args, device):
+    """Fixed-seed loss curves of the real step on real MNIST: does a speed change (NHWC, compile) keep
+    the loss curve of the plain eager NCHW step? Its distance to that curve is set against the distance
+    a second seed makes, which is the size of the noise. Returns {model: {variant: [window means]}}."""
+    dataset = tuple(t.to(device) for t in data.load_dataset("mnist", "train", args.data_dir))
+    window, batch_size = max(1, args.loss_curves // 10), args.batch_size or train.TRAIN_PRESETS["tiny"]["batch_size"]
+    report = dict(steps=args.loss_curves, batch_size=batch_size, window=window, curves={})
+    for model in ("unet", "dit"):
+        curves = report["curves"][model] = {}
+        for name, seed, channels_last, compile in (("eager", 0, False, False), ("eager seed 1", 1, False, False),
+                                                   ("NHWC", 0, True, False), ("compiled", 0, model == "unet", True)):
+            if model == "dit" and name == "NHWC":
+                continue  # a DiT has no convolution past its patch embedding: NHWC does not apply
+            step, _ = build_training("tiny", model, batch_size, device, train.bf16_is_fast(device), compile,
+                                     channels_last, dataset, seed)
+            losses = torch.stack([step() for _ in range(args.loss_curves)]).cpu()
+            curves[name] = losses[:len(losses) // window * window].view(-1, window).mean(1).tolist()
+            gap = max(abs(a - b) for a, b in zip(curves[name], curves["eager"]))
+            print(f"{model} {name:13s} " + " ".join(f"{v:.4f}" for v in curves[name])
+                  + f" | max |diff| to eager {gap:.4f}", flush=True)
+    write_json(report, args.json)
+    return report
+
+
 # ---------------------------------------------------------------- sampling and features
 
 def sampling_model(checkpoint, preset, device):
@@ -263,7 +296,7 @@ def bench_sampling(model, embedder, flow, device, batch_size, windows):
 
 def bench_inception(device, batch_size, windows):
     # Speed does not depend on the weights: a freshly initialised FID Inception needs no download.
-    model = evaluate.FIDInceptionV3().eval().requires_grad_(False).to(device)
+    model = evaluate.for_inference(evaluate.FIDInceptionV3(), device)
     images = torch.randint(0, 256, (batch_size, 1, 32, 32), dtype=torch.uint8)
     evaluate.inception_features(model, images, batch_size)
     seconds = median_seconds(lambda: evaluate.inception_features(model, images, batch_size), device, windows, 1)
@@ -320,14 +353,15 @@ def write_json(obj, path):
 # ---------------------------------------------------------------- FID against NFE
 
 def sweep_settings():
-    """(solver, steps, time grid), most informative first so a time budget cuts the least useful."""
-    def grid_sweep(pairs, grids=TIME_GRIDS):
+    """(solver, steps, time grid), most informative first so that a time budget cuts the least useful:
+    the FID-vs-NFE curve of each fixed-step solver on the uniform grid, dopri5, then the other grids."""
+    def grid_sweep(pairs, grids=TIME_GRIDS[1:]):
         return [(solver, steps, grid) for grid in grids for solver, steps in pairs]
-    at16, at8 = (("midpoint", 8), ("rk4", 4), ("euler", 16)), (("midpoint", 4), ("rk4", 2), ("euler", 8))
-    return ([REFERENCE] + grid_sweep(at16, ["uniform"]) + [("dopri5", None, "uniform")]
-            + grid_sweep(at16, TIME_GRIDS[1:]) + grid_sweep(at8) + [("euler", 100, "uniform")]
-            + grid_sweep((("euler", 4), ("midpoint", 2), ("rk4", 1)))
-            + grid_sweep((("midpoint", 6), ("rk4", 3), ("euler", 12))))
+    by_nfe = {16: (("midpoint", 8), ("rk4", 4), ("euler", 16)), 8: (("midpoint", 4), ("rk4", 2), ("euler", 8)),
+              4: (("midpoint", 2), ("rk4", 1), ("euler", 4)), 12: (("midpoint", 6), ("rk4", 3), ("euler", 12))}
+    uniform = [(solver, steps, "uniform") for nfe in (16, 8, 4, 12) for solver, steps in by_nfe[nfe]]
+    return ([REFERENCE] + uniform + [("dopri5", None, "uniform")] + grid_sweep(by_nfe[16]) + grid_sweep(by_nfe[8])
+            + [("euler", 100, "uniform")] + grid_sweep(by_nfe[4]) + grid_sweep(by_nfe[12]))
 
 
 def nfe_sweep(args, device):
@@ -340,17 +374,19 @@ def nfe_sweep(args, device):
     model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
     inception = evaluate.load_inception(device, args.inception)
     chunk = 1000 if device.type == "cuda" else 100
+    # The class-balanced, cached reference set of evaluate.py, so sweep and evaluate.py FIDs compare.
+    real = evaluate.reference_features(train_args["dataset"], args.data_dir, train_args["image_size"],
+                                       args.num_real, inception, batch_size=chunk // 2)
+    real_stats = real["mu"].numpy(), real["sigma"].numpy()
     test_images, test_labels = data.load_dataset(train_args["dataset"], "test", args.data_dir,
                                                  train_args["image_size"])
-    real_features = evaluate.inception_features(inception, test_images[:args.num_real], batch_size=chunk // 2)
-    real_stats = evaluate.feature_stats(real_features.numpy())
     classifier = evaluate.load_classifier(train_args["dataset"], args.data_dir, device)
     y = torch.arange(args.num_samples, device=device) % train_args["num_classes"]
     z = embedder(y, torch.Generator(device).manual_seed(0))
     x_test = data.to_unit_range(test_images[:args.num_i2c]).to(device)
     y_test = test_labels[:args.num_i2c].to(device)
     report = dict(checkpoint=args.nfe_sweep, step=ckpt["step"], num_samples=args.num_samples,
-                  num_real=len(real_features), num_i2c=args.num_i2c, device=str(device), tf32=device.type == "cuda",
+                  num_real=len(real["features"]), num_i2c=args.num_i2c, device=str(device), tf32=device.type == "cuda",
                   inception=args.inception or "default", classifier_test_acc=classifier.test_accuracy,
                   results=[], skipped=[])
     for solver, steps, grid in sweep_settings():
@@ -362,7 +398,7 @@ def nfe_sweep(args, device):
         runs = [flow.c2i(model, embedder, y[i:i + chunk], z=z[i:i + chunk], **kw) for i in range(0, len(y), chunk)]
         synchronize(device)
         c2i_seconds = time.perf_counter() - start
-        images = torch.cat([x for x, _ in runs])
+        images = evaluate.quantise(torch.cat([x for x, _ in runs]))  # as evaluate.py scores them
         features = evaluate.inception_features(inception, images, batch_size=chunk // 2)
         fid = evaluate.frechet_distance(*evaluate.feature_stats(features.numpy()), *real_stats)
         latents = torch.cat([flow.i2c(model, embedder, x_test[i:i + chunk], **kw)[0]
@@ -462,9 +498,11 @@ def main():
     p.add_argument("--num-samples", type=int, default=5000, help="sweep: generated images per setting")
     p.add_argument("--num-i2c", type=int, default=2000, help="sweep: test images for I2C accuracy")
     p.add_argument("--num-real", type=int, default=10000, help="sweep: test images for the FID reference")
-    p.add_argument("--data-dir", default="data", help="sweep: where the test set is")
+    p.add_argument("--data-dir", default="data", help="sweep and loss curves: where MNIST is")
     p.add_argument("--inception", help="sweep: FID Inception weights file (default: evaluate.load_inception's)")
     p.add_argument("--plot", default="nfe_sweep.png", help="sweep: PNG of FID against NFE")
+    p.add_argument("--loss-curves", type=int, metavar="STEPS",
+                   help="fixed-seed loss curves of the tiny presets on MNIST: eager vs NHWC vs compiled")
     args = p.parse_args()
     device = torch.device(args.device)
     full = device.type == "cuda" and not args.quick
@@ -473,6 +511,9 @@ def main():
     args.compile = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or ("both" if full else "off")]
     if args.nfe_sweep:
         nfe_sweep(args, device)
+        return
+    if args.loss_curves:
+        loss_curves(args, device)
         return
     report = run_benchmarks(args, device)
     print(f"\n{report['device']} | torch {report['torch']} | {report['threads']} threads | matmul "

@@ -1048,6 +1048,36 @@ def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(
     assert len([line for line in stdout.splitlines() if line.startswith('micro.pt')]) == 2
 
 
+def test_nfe_sweep_scores_every_setting_from_the_same_class_latents(tmp_path, monkeypatch):
+    args = _micro_run_args()
+    model, embedder, flow = _micro_model(args)
+    save_checkpoint(dict(args=args, model=model.state_dict(), ema=model.state_dict(), embedder=embedder.state_dict(),
+                         ema_embedder=embedder.state_dict(), step=7), str(tmp_path / 'micro.pt'))
+    # the same setting twice: equal scores only if every setting starts from the same latents and test images
+    monkeypatch.setattr(bench, 'sweep_settings', lambda: [('euler', 2, 'uniform'), ('midpoint', 1, 'ends'),
+                                                          ('euler', 2, 'uniform')])
+    # 10 images a setting (one per class): the FID Inception runs at a few images/s on one CPU thread
+    sweep_args = bench.argparse.Namespace(nfe_sweep=str(tmp_path / 'micro.pt'), num_samples=10, num_real=10,
+                                          num_i2c=10, data_dir=DATA_DIR, inception=None, time_budget=0,
+                                          json=str(tmp_path / 'sweep.json'), plot=str(tmp_path / 'sweep.png'))
+    report = bench.nfe_sweep(sweep_args, torch.device('cpu'))
+    first, middle, again = report['results']
+    assert [r['nfe'] for r in report['results']] == [2, 2, 2] and middle['time_grid'] == 'ends'
+    assert {k: v for k, v in first.items() if k != 'c2i_seconds'} == {k: v for k, v in again.items()
+                                                                       if k != 'c2i_seconds'}
+    assert json.loads((tmp_path / 'sweep.json').read_text())['results'][1]['fid'] == middle['fid']
+    assert Image.open(tmp_path / 'sweep.png').size == (760, 460)
+    # the first row's FID, recomputed here from the same class latents with evaluate.py's pieces
+    y = torch.arange(10)
+    images, _ = flow.c2i(model, embedder, y, z=embedder(y, torch.Generator().manual_seed(0)), solver='euler',
+                         steps=2)
+    inception = evaluate.load_inception()
+    real = evaluate.reference_features('mnist', DATA_DIR, 32, 10, inception)
+    fake = evaluate.feature_stats(evaluate.inception_features(inception, evaluate.quantise(images)))
+    assert first['fid'] == pytest.approx(evaluate.frechet_distance(*fake, real['mu'].numpy(), real['sigma'].numpy()),
+                                         rel=1e-6)
+
+
 @pytest.mark.parametrize('argv, message', [
     (['/nonexistent/ckpt.pt'], 'checkpoint not found: /nonexistent/ckpt.pt'),
     (['x.pt', '--solver', 'rk45'], "unknown --solver 'rk45'"),
@@ -1812,6 +1842,21 @@ def test_step_flops_counted_at_batch_2_scale_exactly_to_the_batch():
                                         torch.zeros(4, dtype=torch.long), parts["embedder"])
         loss.backward()
     assert bench.count_step_flops(parts, torch.device("cpu"), 4) == counter.get_total_flops() > 0
+
+
+def test_loss_curves_of_the_speed_variants_agree_and_a_second_seed_does_not(tmp_path, monkeypatch):
+    # Compiled vs eager numerics are tested above; tracing here would cost ~50 s for nothing new.
+    monkeypatch.setattr(torch, "compile", lambda model: model)
+    args = bench.argparse.Namespace(loss_curves=3, batch_size=4, data_dir=DATA_DIR, json=str(tmp_path / "c.json"))
+    report = bench.loss_curves(args, torch.device("cpu"))
+    assert json.loads((tmp_path / "c.json").read_text()) == report and report["window"] == 1
+    assert set(report["curves"]["unet"]) == {"eager", "eager seed 1", "NHWC", "compiled"}
+    assert set(report["curves"]["dit"]) == {"eager", "eager seed 1", "compiled"}
+    for curves in report["curves"].values():
+        assert len(curves["eager"]) == 3 and all(0 < v < 10 for v in curves["eager"])
+        for name in set(curves) - {"eager", "eager seed 1"}:
+            assert curves[name] == pytest.approx(curves["eager"], rel=1e-4), name
+        assert curves["eager seed 1"] != pytest.approx(curves["eager"], rel=1e-3)
 
 
 def test_bench_quick_runs_and_reports_every_field(tmp_path):

@@ -31,8 +31,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (MODELS, CheckpointError, build_flow, build_model, load_checkpoint, resume_run, rng_state,
-                        save_checkpoint, set_rng_state)
+from checkpoint import (MODELS, CheckpointError, build_flow, build_model, load_checkpoint, place_model, resume_run,
+                        rng_state, save_checkpoint, set_rng_state)
 from embeddings import KINDS, build_embedder
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from model_dit import DIT_PRESETS
@@ -279,10 +279,7 @@ def main(args):
     images, labels = loaded if master else load_train()
     batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
 
-    model = build_model(vars(args)).to(device)
-    # NHWC pays for the UNet on CPU (oneDNN) but cost 12-17% img/s on an H100 (bench.py; README, Speed).
-    if args.model == "unet" and device.type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
+    model = place_model(build_model(vars(args)), args.model, device)  # NHWC where it pays
     embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
                               args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res,
                               dataset=args.dataset).to(device)
