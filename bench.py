@@ -364,6 +364,17 @@ def sweep_settings():
             + [("euler", 100, "uniform")] + grid_sweep(by_nfe[4]) + grid_sweep(by_nfe[12]))
 
 
+def sweep_setting(text):
+    """'midpoint:8:ends' -> ('midpoint', 8, 'ends'); 'dopri5' -> ('dopri5', None, 'uniform')."""
+    solver, steps, grid = (text.split(":") + ["", ""])[:3]
+    if solver not in SOLVERS or (solver == "dopri5") != (steps == "") or grid not in ("", *TIME_GRIDS):
+        raise argparse.ArgumentTypeError(f"{text!r}: want SOLVER:STEPS[:GRID] with a solver in {', '.join(SOLVERS)}"
+                                         f" (dopri5 alone) and a grid in {', '.join(TIME_GRIDS)}")
+    if steps and not (steps.isdigit() and int(steps) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: STEPS must be a positive integer")
+    return solver, int(steps) if steps else None, grid or "uniform"
+
+
 def nfe_sweep(args, device):
     """C2I FID (vs the test split), C2I class-consistency and I2C accuracy for every sampler setting,
     always from the same class latents and test images, so the settings differ only by their error."""
@@ -389,7 +400,7 @@ def nfe_sweep(args, device):
                   num_real=len(real["features"]), num_i2c=args.num_i2c, device=str(device), tf32=device.type == "cuda",
                   inception=args.inception or "default", classifier_test_acc=classifier.test_accuracy,
                   results=[], skipped=[])
-    for solver, steps, grid in sweep_settings():
+    for solver, steps, grid in args.settings or sweep_settings():
         if time.time() > deadline:
             report["skipped"].append([solver, steps, grid])
             continue
@@ -500,6 +511,8 @@ def main():
     p.add_argument("--num-real", type=int, default=10000, help="sweep: test images for the FID reference")
     p.add_argument("--data-dir", default="data", help="sweep and loss curves: where MNIST is")
     p.add_argument("--inception", help="sweep: FID Inception weights file (default: evaluate.load_inception's)")
+    p.add_argument("--settings", nargs="+", type=sweep_setting, metavar="SOLVER:STEPS:GRID",
+                   help="sweep only these, e.g. euler:40:uniform midpoint:8:ends dopri5 (default: all, best first)")
     p.add_argument("--plot", default="nfe_sweep.png", help="sweep: PNG of FID against NFE")
     p.add_argument("--loss-curves", type=int, metavar="STEPS",
                    help="fixed-seed loss curves of the tiny presets on MNIST: eager vs NHWC vs compiled")

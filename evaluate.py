@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import data
 from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
-from flow import SOLVERS
+from flow import DEFAULT_TIME_GRID, SOLVERS, TIME_GRIDS
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -626,8 +626,8 @@ def _per_class_precision_recall(real, real_labels, fake, fake_labels, num_classe
 
 @torch.no_grad()
 def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scale, steps, solver, device,
-                              k=3, seed=0, data_dir=None, batch_size=500, inception_weights=None):
-    """All metrics of one model at one (cfg_scale, steps, solver), as a JSON-ready dict.
+                              k=3, seed=0, data_dir=None, batch_size=500, inception_weights=None, time_grid=None):
+    """All metrics of one model at one (cfg_scale, steps, solver, time_grid), as a JSON-ready dict.
 
     C2I: num_samples images, classes evenly spread (y = i mod K), from class latents drawn with
     `seed`; FID, precision/recall (overall and per class) against min(num_samples, test size) real
@@ -641,7 +641,8 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
     test_images, test_labels = data.load_dataset(dataset, 'test', data_dir, image_size)
     count = min(num_samples, len(test_labels))
     reference = reference_features(dataset, data_dir, image_size, count, inception, batch_size=batch_size)
-    kw = dict(cfg_scale=cfg_scale, solver=solver, steps=steps)
+    time_grid = None if solver == 'dopri5' else time_grid or DEFAULT_TIME_GRID[solver]
+    kw = dict(cfg_scale=cfg_scale, solver=solver, steps=steps, time_grid=time_grid)
 
     start = overall_start = time.time()
     y = (torch.arange(num_samples) % num_classes).to(device)
@@ -660,7 +661,7 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
     per_class_p, per_class_r = _per_class_precision_recall(reference['features'], reference['labels'], fake, y,
                                                            num_classes, k)
     result = dict(num_samples=num_samples, num_reference=count, cfg_scale=cfg_scale, steps=steps, solver=solver,
-                  k=k, fid=frechet_distance(reference['mu'], reference['sigma'], mu, sigma),
+                  time_grid=time_grid, k=k, fid=frechet_distance(reference['mu'], reference['sigma'], mu, sigma),
                   precision=precision, recall=recall, per_class_precision=per_class_p, per_class_recall=per_class_r,
                   **c2i_class_accuracy(classifier, images, y), classifier_test_acc=classifier.test_accuracy,
                   nfe_c2i=nfe_c2i, seconds_c2i=seconds_c2i)
@@ -693,6 +694,7 @@ def get_args(argv=None):
     p.add_argument('--cfg-scales', type=float, nargs='+', default=[1.0, 1.5, 2.0])
     p.add_argument('--steps', type=int, nargs='+', default=[25, 40])
     p.add_argument('--solver', default='euler', help=f"one of {', '.join(SOLVERS)} (dopri5 ignores --steps)")
+    p.add_argument('--time-grid', choices=TIME_GRIDS, help="fixed-step solvers' grid (default: flow.DEFAULT_TIME_GRID)")
     p.add_argument('--num-samples', type=int, default=10_000, help='C2I samples; also the number of test images')
     p.add_argument('--k', type=int, default=3, help='nearest neighbour defining the precision/recall balls')
     p.add_argument('--seed', type=int, default=0)
@@ -737,7 +739,7 @@ def main(args):
                 result = evaluate_checkpoint_model(
                     model, embedder, flow, train_args, args.num_samples, cfg_scale, steps, args.solver,
                     args.device, k=args.k, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
-                    inception_weights=args.inception)
+                    inception_weights=args.inception, time_grid=args.time_grid)
                 results.append(result)
                 if header:
                     print(header)

@@ -291,7 +291,8 @@ def main():
     p.add_argument("--num-per-class", type=int, default=8)
     p.add_argument("--num-images", type=int, default=1000, help="I2C: test images to score")
     p.add_argument("--steps", type=int, help="default: the solver's, flow.DEFAULT_STEPS (euler 40 is the reference)")
-    p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS, help="default: %(default)s (8 steps, 16 NFE)")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
+                   help="default: %(default)s (8 steps on the 'ends' time grid: 16 NFE)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="I2C: where the test set is (default: the training run's)")

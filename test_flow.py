@@ -40,7 +40,7 @@ import train
 from checkpoint import (CheckpointError, build_flow, build_from_checkpoint, build_model, load_checkpoint,
                         rng_state, save_checkpoint, set_rng_state)
 from embeddings import ClassEmbedder, build_embedder, load_class_vectors, projected_means, rectangle_means
-from flow import Flow, SOLVERS, TIME_GRIDS, fixed_time_grid
+from flow import DEFAULT_TIME_GRID, Flow, SOLVERS, TIME_GRIDS, fixed_time_grid
 from model_dit import DiT, DIT_PRESETS
 from model_unet import UNet, UNET_PRESETS
 
@@ -1048,17 +1048,17 @@ def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(
     assert len([line for line in stdout.splitlines() if line.startswith('micro.pt')]) == 2
 
 
-def test_nfe_sweep_scores_every_setting_from_the_same_class_latents(tmp_path, monkeypatch):
+def test_nfe_sweep_scores_every_setting_from_the_same_class_latents(tmp_path):
     args = _micro_run_args()
     model, embedder, flow = _micro_model(args)
     save_checkpoint(dict(args=args, model=model.state_dict(), ema=model.state_dict(), embedder=embedder.state_dict(),
                          ema_embedder=embedder.state_dict(), step=7), str(tmp_path / 'micro.pt'))
     # the same setting twice: equal scores only if every setting starts from the same latents and test images
-    monkeypatch.setattr(bench, 'sweep_settings', lambda: [('euler', 2, 'uniform'), ('midpoint', 1, 'ends'),
-                                                          ('euler', 2, 'uniform')])
+    settings = [bench.sweep_setting(text) for text in ('euler:2', 'midpoint:1:ends', 'euler:2:uniform')]
     # 10 images a setting (one per class): the FID Inception runs at a few images/s on one CPU thread
     sweep_args = bench.argparse.Namespace(nfe_sweep=str(tmp_path / 'micro.pt'), num_samples=10, num_real=10,
                                           num_i2c=10, data_dir=DATA_DIR, inception=None, time_budget=0,
+                                          settings=settings,
                                           json=str(tmp_path / 'sweep.json'), plot=str(tmp_path / 'sweep.png'))
     report = bench.nfe_sweep(sweep_args, torch.device('cpu'))
     first, middle, again = report['results']
@@ -1814,6 +1814,17 @@ def test_fixed_step_solvers_converge_at_their_order_on_every_grid(kind):
     assert error("rk4", 4) < error("midpoint", 8) / 10 and error("midpoint", 8) < error("euler", 16) / 3
 
 
+def test_each_solver_defaults_to_its_measured_grid_and_euler_to_the_uniform_reference():
+    # dz/dt = 3t^2: z(1) = z(0) + 1; Euler's left sum depends on the grid, so the grid used shows in z(1)
+    f = lambda z, t: 3 * t.square().expand_as(z)
+    assert DEFAULT_TIME_GRID == {"euler": "uniform", "midpoint": "ends", "rk4": "end"}
+    for solver, grid in DEFAULT_TIME_GRID.items():
+        z = Flow("l2i").integrate(Field(f), torch.ones(1, 1, 1, 1), 0, solver=solver, steps=4)[0]
+        assert z.item() == integrate(f, solver, 4, grid)[0].item(), solver
+        others = [integrate(f, solver, 4, g)[0].item() for g in TIME_GRIDS if g != grid]
+        assert solver == "rk4" or z.item() not in others, solver  # rk4 is exact for a cubic on any grid
+
+
 def test_unknown_time_grid_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="uniform"):
         fixed_time_grid(4, "log")
@@ -1842,6 +1853,17 @@ def test_step_flops_counted_at_batch_2_scale_exactly_to_the_batch():
                                         torch.zeros(4, dtype=torch.long), parts["embedder"])
         loss.backward()
     assert bench.count_step_flops(parts, torch.device("cpu"), 4) == counter.get_total_flops() > 0
+
+
+def test_sweep_settings_parse_and_cover_every_solver_and_grid():
+    assert bench.sweep_setting('rk4:4:end') == ('rk4', 4, 'end') and bench.sweep_setting('dopri5') == ('dopri5', None,
+                                                                                                     'uniform')
+    for bad in ('rk45:4', 'euler', 'euler:0', 'euler:four', 'dopri5:8', 'midpoint:8:middle'):
+        with pytest.raises(bench.argparse.ArgumentTypeError):
+            bench.sweep_setting(bad)
+    settings = bench.sweep_settings()
+    assert settings[0] == bench.REFERENCE and len(set(settings)) == len(settings)
+    assert {(s, g) for s, _, g in settings if s != 'dopri5'} == {(s, g) for s in SOLVERS[:3] for g in TIME_GRIDS}
 
 
 def test_loss_curves_of_the_speed_variants_agree_and_a_second_seed_does_not(tmp_path, monkeypatch):
