@@ -28,7 +28,7 @@ from torchvision.utils import make_grid, save_image
 
 import data
 from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
-from flow import DEFAULT_SOLVER, SOLVERS
+from flow import DEFAULT_SOLVER, SOLVERS, TIME_GRIDS
 
 
 def to_pixels(x):
@@ -95,14 +95,14 @@ def rank0_first(fn):
 
 @torch.no_grad()
 def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8,
-                  steps=None, solver=DEFAULT_SOLVER, cfg_scale=1.0, seed=0, sharded=False):
+                  steps=None, solver=DEFAULT_SOLVER, cfg_scale=1.0, seed=0, sharded=False, time_grid=None):
     """Generate num_per_class images for each class; one row per class. Returns (images, labels, nfe).
     With sharded=True (under torchrun) the processes split the work; only rank 0 writes."""
     classes = list(range(args["num_classes"])) if classes is None else classes
     y = torch.tensor(classes, device=device).repeat_interleave(num_per_class)
     z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
     images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, steps=steps, solver=solver,
-                                                      cfg_scale=cfg_scale), z, y, sharded=sharded)
+                                                      cfg_scale=cfg_scale, time_grid=time_grid), z, y, sharded=sharded)
     if is_main_process():
         save_image(to_pixels(images), path, nrow=num_per_class, padding=1)
     return images, y, nfe
@@ -110,7 +110,7 @@ def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None,
 
 @torch.no_grad()
 def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, steps=None, solver=DEFAULT_SOLVER,
-                  cfg_scale=1.0, num_images=None, data_dir=None, sharded=False):
+                  cfg_scale=1.0, num_images=None, data_dir=None, sharded=False, time_grid=None):
     """I2C on real test images: a row per class of (image, generated class latent) pairs.
 
     Returns (accuracy_l2, accuracy_cos, latents, labels) over the first num_images test images
@@ -123,7 +123,7 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
     x_image = data.to_unit_range(test_images[picked]).to(device)
     labels = test_labels[picked].to(device)
     latents, _ = run_sharded(lambda images: (torch.cat([
-        flow.i2c(model, embedder, chunk, steps=steps, solver=solver, cfg_scale=cfg_scale)[0]
+        flow.i2c(model, embedder, chunk, steps=steps, solver=solver, cfg_scale=cfg_scale, time_grid=time_grid)[0]
         for chunk in images.split(500)]), 0), x_image, sharded=sharded)
     n_grid = len(grid)
     pairs = torch.stack([x_image[:n_grid], latents[:n_grid].to(x_image.dtype)], dim=1).flatten(0, 1)
@@ -291,6 +291,8 @@ def main():
     p.add_argument("--num-per-class", type=int, default=8)
     p.add_argument("--num-images", type=int, default=1000, help="I2C: test images to score")
     p.add_argument("--steps", type=int, help="default: the solver's, flow.DEFAULT_STEPS (euler 40 is the reference)")
+    p.add_argument("--time-grid", choices=TIME_GRIDS, help="fixed-step solvers' grid (default: the solver's, "
+                   "flow.DEFAULT_TIME_GRID)")
     p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                    help="default: %(default)s (8 steps on the 'ends' time grid: 16 NFE)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
@@ -338,7 +340,7 @@ def run(args, device, parser):
     out = args.out or f"{os.path.splitext(args.checkpoint)[0]}_{what}.png"
     if main_process:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale)
+    kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, time_grid=args.time_grid)
     say = print if main_process else (lambda *a, **k: None)
     saved = {}
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
@@ -375,13 +377,13 @@ def run(args, device, parser):
     elif what == "c2i":
         images, labels, nfe = save_c2i_grid(model, embedder, flow, train_args, out, device, args.classes,
                                             args.num_per_class, args.steps, args.solver, args.cfg_scale, args.seed,
-                                            sharded)
+                                            sharded, args.time_grid)
         saved = dict(images=images, labels=labels)
         say(f"wrote {out} (C2I, {args.solver} {nfe} NFE, cfg {args.cfg_scale})")
     else:
         acc_l2, acc_cos, latents, labels = save_i2c_grid(
             model, embedder, flow, train_args, out, device, min(args.num_per_class, 8), args.steps,
-            args.solver, args.cfg_scale, args.num_images, args.data_dir, sharded)
+            args.solver, args.cfg_scale, args.num_images, args.data_dir, sharded, args.time_grid)
         latents_path = os.path.splitext(out)[0] + "_latents.pt"
         pred_l2, pred_cos = embedder.decode(latents)
         if main_process:

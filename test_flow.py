@@ -40,6 +40,7 @@ import train
 from checkpoint import (CheckpointError, build_flow, build_from_checkpoint, build_model, load_checkpoint,
                         rng_state, save_checkpoint, set_rng_state)
 from embeddings import ClassEmbedder, build_embedder, load_class_vectors, projected_means, rectangle_means
+import flow as flow_module
 from flow import DEFAULT_TIME_GRID, Flow, SOLVERS, TIME_GRIDS, fixed_time_grid
 from model_dit import DiT, DIT_PRESETS
 from model_unet import UNet, UNET_PRESETS
@@ -1043,6 +1044,7 @@ def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(
     assert code == 0, stderr
     report = json.loads((tmp_path / 'micro.eval.json').read_text())
     assert report['step'] == 7 and [(r['cfg_scale'], r['steps']) for r in report['results']] == [(1.0, 1), (2.0, 1)]
+    assert {r['time_grid'] for r in report['results']} == {'uniform'}  # euler's default: METHOD.md's reference
     # 2 samples per class cannot make k = 3 neighbourhoods: per-class P/R are reported as missing
     assert report['results'][0]['per_class_precision'] == [None] * 10
     assert len([line for line in stdout.splitlines() if line.startswith('micro.pt')]) == 2
@@ -1616,6 +1618,18 @@ def test_interpolation_end_frames_are_the_plain_c2i_samples_of_both_classes(run,
     assert torch.allclose(strips[:, 0], plain_1, atol=1e-5)
     assert torch.allclose(strips[:, -1], plain_7, atol=1e-5)
     assert not torch.allclose(strips[:, 2], plain_1, atol=1e-3)
+
+
+def test_sample_py_integrates_on_the_solvers_default_grid_or_the_one_given(run, tmp_path, monkeypatch):
+    requested = []
+    real_grid = flow_module.fixed_time_grid
+    monkeypatch.setattr(flow_module, "fixed_time_grid", lambda steps, kind: requested.append(kind) or real_grid(steps,
+                                                                                                               kind))
+    for grid in (None, "start"):
+        argv = [run["path"], "--num-per-class", "1", "--steps", "2", "--out", tmp_path / f"{grid}.png"]
+        assert run_in_process("sample.py", *argv, *(["--time-grid", grid] if grid else [])) == (0, "")
+    assert requested == ["ends", "start"]  # midpoint's default, then the flag
+    assert run_in_process("sample.py", run["path"], "--time-grid", "log")[0] == 2
 
 
 def test_interpolation_and_arithmetic_are_deterministic_under_a_seed(run):
