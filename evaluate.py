@@ -369,7 +369,7 @@ def load_inception(device='cpu', weights=None):
 
 def for_inference(inception, device):
     """Eval mode on `device`; NHWC on a CPU, where oneDNN's convolutions run it 1.6x faster
-    (5.9 -> 9.5 img/s on 2 idle cores; python bench.py --quick reports this number)."""
+    (5.9 -> 9.5-10.4 img/s on 2 idle cores; bench.py reports this number)."""
     inception = inception.eval().requires_grad_(False).to(device)
     return inception.to(memory_format=torch.channels_last) if torch.device(device).type == 'cpu' else inception
 
