@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 import data
 from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
-from flow import DEFAULT_TIME_GRID, SOLVERS, TIME_GRIDS
+from flow import DEFAULT_TIME_GRID, READOUT, SOLVERS, TIME_GRIDS
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -669,14 +669,18 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
     if embedder.kind != 'noise' and not flow.use_conditioning:  # a noise source has no image -> class way
         start = time.time()
         x_real = data.to_unit_range(test_images[reference['indices']])
-        pred_l2, pred_cos = [], []
-        for chunk in x_real.split(batch_size):
-            x_class, nfe_i2c = flow.i2c(model, embedder, chunk.to(device), **kw)
-            l2, cos = embedder.decode(x_class)
-            pred_l2.append(l2.cpu())
-            pred_cos.append(cos.cpu())
-        result.update(i2c_accuracy(torch.cat(pred_l2), torch.cat(pred_cos), test_labels[reference['indices']],
-                                   num_classes), nfe_i2c=nfe_i2c, seconds_i2c=time.time() - start)
+        labels = test_labels[reference['indices']]
+        for prefix, decoder in (('i2c', kw), ('readout', dict(kw, **READOUT))):  # the ODE, then one call at t = 0
+            pred_l2, pred_cos = [], []
+            for chunk in x_real.split(batch_size):
+                x_class, nfe_i2c = flow.i2c(model, embedder, chunk.to(device), **decoder)
+                l2, cos = embedder.decode(x_class)
+                pred_l2.append(l2.cpu())
+                pred_cos.append(cos.cpu())
+            scores = i2c_accuracy(torch.cat(pred_l2), torch.cat(pred_cos), labels, num_classes)
+            result.update({key.replace('i2c', prefix, 1): value for key, value in scores.items()})
+            result[f'nfe_{prefix}'] = nfe_i2c
+        result['seconds_i2c'] = time.time() - start
     result['seconds'] = time.time() - overall_start
     return result
 
@@ -724,12 +728,12 @@ def _format_row(name, r):
         return '   -  ' if v is None else f'{100 * v:6.2f}'
     return (f"{name:24.24} {r['cfg_scale']:5.2f} {r['steps']:5d} {r['nfe_c2i']:5d} {r['fid']:9.3f} "
             f"{pct(r['precision'])} {pct(r['recall'])} {pct(r['c2i_class_acc'])} "
-            f"{pct(r.get('i2c_acc_l2'))} {pct(r.get('i2c_acc_cos'))} {r['seconds']:8.1f}")
+            f"{pct(r.get('i2c_acc_l2'))} {pct(r.get('i2c_acc_cos'))} {pct(r.get('readout_acc_l2'))} {r['seconds']:8.1f}")
 
 
 def main(args):
     header = (f"{'checkpoint':24} {'cfg':>5} {'steps':>5} {'NFE':>5} {'FID':>9} {'P %':>6} {'R %':>6} "
-              f"{'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} {'seconds':>8}")
+              f"{'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} {'t=0 l2':>6} {'seconds':>8}")
     for path in args.checkpoints:
         ckpt = load_checkpoint(path)
         model, embedder, flow, train_args = build_from_checkpoint(ckpt, args.device)

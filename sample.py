@@ -28,7 +28,7 @@ from torchvision.utils import make_grid, save_image
 
 import data
 from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
-from flow import DEFAULT_SOLVER, SOLVERS, TIME_GRIDS
+from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS
 
 
 def to_pixels(x):
@@ -296,6 +296,8 @@ def main():
     p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
                    help="default: %(default)s (8 steps on the 'ends' time grid: 16 NFE)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--i2c-decoder", default="ode", choices=("ode", "readout"),
+                   help="I2C: integrate the ODE, or read the class off one network call at t = 0 (flow.READOUT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="I2C: where the test set is (default: the training run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -341,6 +343,8 @@ def run(args, device, parser):
     if main_process:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, time_grid=args.time_grid)
+    if what == "i2c" and args.i2c_decoder == "readout":
+        kw.update(READOUT)
     say = print if main_process else (lambda *a, **k: None)
     saved = {}
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
@@ -382,14 +386,15 @@ def run(args, device, parser):
         say(f"wrote {out} (C2I, {args.solver} {nfe} NFE, cfg {args.cfg_scale})")
     else:
         acc_l2, acc_cos, latents, labels = save_i2c_grid(
-            model, embedder, flow, train_args, out, device, min(args.num_per_class, 8), args.steps,
-            args.solver, args.cfg_scale, args.num_images, args.data_dir, sharded, args.time_grid)
+            model, embedder, flow, train_args, out, device, min(args.num_per_class, 8), kw["steps"],
+            kw["solver"], args.cfg_scale, args.num_images, args.data_dir, sharded, kw["time_grid"])
         latents_path = os.path.splitext(out)[0] + "_latents.pt"
         pred_l2, pred_cos = embedder.decode(latents)
         if main_process:
             torch.save(dict(latents=latents.cpu(), labels=labels.cpu(), pred_l2=pred_l2.cpu(),
                             pred_cos=pred_cos.cpu()), latents_path)
-        say(f"I2C accuracy on {len(labels)} test images: {acc_l2:.4f} (L2), {acc_cos:.4f} (cosine)")
+        decoder = "t = 0 read-out" if args.i2c_decoder == "readout" else f"{kw['solver']} ODE"
+        say(f"I2C accuracy ({decoder}) on {len(labels)} test images: {acc_l2:.4f} (L2), {acc_cos:.4f} (cosine)")
         say(f"wrote {out} (image | latent pairs) and {latents_path}")
     if args.save_tensors and saved and main_process:
         tensors_path = os.path.splitext(out)[0] + ".pt"

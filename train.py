@@ -46,11 +46,14 @@ TRAIN_PRESETS = {
     "cifar": dict(max_steps=300_000),
     "imagenet": dict(max_steps=400_000),
 }
-REFERENCE = dict(lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
+REFERENCE = dict(i2c_time_power=1.0, lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
                "unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                         "dropout", "num_heads")}
+
+
+T_BUCKETS = 4  # the log splits each direction's loss over t in [0, 1/4), [1/4, 1/2), ...
 
 
 def get_args(argv=None):
@@ -87,6 +90,7 @@ def get_args(argv=None):
     p.add_argument("--ln-loc", type=float, default=0.0)
     p.add_argument("--ln-scale", type=float, default=1.0)
     p.add_argument("--si-scale", type=float, default=0.0)
+    p.add_argument("--i2c-time-power", type=float, help="image->class samples take t^p (flow.py; default: preset's)")
     p.add_argument("--use-conditioning", action="store_true", help="standard class CFG (noise source only)")
     # optimisation (default: the preset's, else the reference)
     p.add_argument("--lr", type=float)
@@ -330,7 +334,8 @@ def main(args):
               f"| {world_size} process(es) on {device.type} | bf16 {args.bf16} | from step {step}")
 
     # Running sums stay on the device so the loop never waits for the GPU except when it logs.
-    sums = torch.zeros(6, device=device)  # loss, n, loss c->i, n c->i, loss i->c, n i->c
+    # Loss sums and counts by direction (c2i, i2c) and by quarter of t: where in t each direction learns.
+    sums, counts = torch.zeros(2, T_BUCKETS, device=device), torch.zeros(2, T_BUCKETS, device=device)
     first_bad_step = torch.tensor(-1, device=device)
     t_last, step_last, saved_step = time.time(), step, step
     model.train()
@@ -346,10 +351,9 @@ def main(args):
         update_ema(ema, model, decay), update_ema(ema_embedder, embedder, decay)
         step += 1
 
-        backward = batch["direction"].float()
-        sums += torch.stack([per_sample.sum(), torch.ones_like(per_sample).sum(),
-                             (per_sample * (1 - backward)).sum(), (1 - backward).sum(),
-                             (per_sample * backward).sum(), backward.sum()]).detach()
+        cell = batch["direction"] * T_BUCKETS + (batch["t"] * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
+        sums.view(-1).index_add_(0, cell, per_sample.detach().float())
+        counts.view(-1).index_add_(0, cell, torch.ones_like(per_sample, dtype=torch.float))
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(total.detach()),
                                      torch.full((), step, device=device), first_bad_step)
 
@@ -371,21 +375,23 @@ def main(args):
         if step % args.log_every == 0 or last:
             if ddp:
                 dist.all_reduce(sums)
-            s = sums.tolist()
+                dist.all_reduce(counts)
             now = time.time()
             img_per_s = (step - step_last) * args.batch_size / (now - t_last)
             eta = (args.max_steps - step) * args.batch_size / max(img_per_s, 1e-9)
-            record = dict(step=step, loss=s[0] / s[1], lr=lr_at(step - 1, args), img_per_s=img_per_s)
-            if s[3]:
-                record["loss_c2i"] = s[2] / s[3]
-            if s[5]:
-                record["loss_i2c"] = s[4] / s[5]
+            record = dict(step=step, loss=(sums.sum() / counts.sum()).item(), lr=lr_at(step - 1, args),
+                          img_per_s=img_per_s)
+            for name, s, n in zip(("c2i", "i2c"), sums.tolist(), counts.tolist()):
+                if sum(n):
+                    record[f"loss_{name}"] = sum(s) / sum(n)
+                    record[f"loss_{name}_by_t"] = [si / ni if ni else None for si, ni in zip(s, n)]
             if master:
                 parts = " ".join(f"{k[5:]} {record[k]:.4f}" for k in ("loss_c2i", "loss_i2c") if k in record)
                 print(f"step {step}/{args.max_steps} | loss {record['loss']:.4f} {parts} | "
                       f"{img_per_s:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
                 log.write(json.dumps(record) + "\n"), log.flush()
             sums.zero_()
+            counts.zero_()
             t_last, step_last = now, step
         if save_now:
             save(os.path.join(args.out, "last.pt"))
