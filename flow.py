@@ -69,6 +69,11 @@ def fixed_time_grid(steps, kind="uniform"):
     return s.float()
 
 
+def network_passes(nfe, cfg_scale):
+    """Network passes per sample: with guidance each function evaluation runs a doubled batch."""
+    return nfe * (1 if cfg_scale == 1.0 else 2)
+
+
 class Flow:
     def __init__(self, mode="l2i", lambda_b=0.5, cfg_dropout=0.1, ln=False, ln_loc=0.0, ln_scale=1.0,
                  si_scale=0.0, use_conditioning=False, num_classes=10, i2c_time_power=1.0):

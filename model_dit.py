@@ -7,8 +7,9 @@ embedding. One conditioning vector per sample,
 
     c = MLP(sinusoid(1000·t)) + E_cond[cond] (+ E_dir[direction] when bidirectional),
 
-modulates every block by adaptive LayerNorm: for each of the attention and MLP branches
-the block computes (shift, scale, gate) = Linear(SiLU(c)) and does
+where cond is one of num_cond_labels guidance labels (2 for indicator CFG: conditional, null; K + 1 for
+standard class CFG: the K class ids and null). c modulates every block by adaptive LayerNorm: for
+each of the attention and MLP branches the block computes (shift, scale, gate) = Linear(SiLU(c)) and does
 
     h = h + gate · Branch(LayerNorm(h) · (1 + scale) + shift).
 
@@ -40,13 +41,13 @@ def timestep_embedding(t, dim, max_period=10000.0):
 class ConditionEmbedder(nn.Module):
     """c = MLP(sinusoid(1000·t)) + E_cond[cond] (+ E_dir[direction]): one vector per sample."""
 
-    def __init__(self, hidden_size, num_classes, bidirectional=False, frequency_size=256):
+    def __init__(self, hidden_size, num_cond_labels, bidirectional=False, frequency_size=256):
         super().__init__()
         self.frequency_size = frequency_size
         self.bidirectional = bidirectional
         self.time_mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
-        self.cond_embedding = nn.Embedding(num_classes, hidden_size)
+        self.cond_embedding = nn.Embedding(num_cond_labels, hidden_size)
         self.direction_embedding = nn.Embedding(2, hidden_size) if bidirectional else None
         # PyTorch's default init (as ADM uses); DiT re-initialises these in DiT.initialize_weights.
 
@@ -128,7 +129,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, input_size, in_channels, patch_size, hidden_size, depth, num_heads, mlp_ratio=4.0,
-                 num_classes=2, bidirectional=False):
+                 num_cond_labels=2, bidirectional=False):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f'input_size {input_size} is not divisible by patch_size {patch_size}; '
@@ -144,7 +145,7 @@ class DiT(nn.Module):
         # Not persistent: it is a fixed function of the shape, so checkpoints need not carry it.
         self.register_buffer('pos_embed', sincos_position_embedding(hidden_size, self.grid_size)[None],
                              persistent=False)
-        self.condition_embedder = ConditionEmbedder(hidden_size, num_classes, bidirectional)
+        self.condition_embedder = ConditionEmbedder(hidden_size, num_cond_labels, bidirectional)
         self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels)
         self.initialize_weights()
@@ -183,8 +184,8 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
 
-# Constructor kwargs minus input_size, in_channels, num_classes, bidirectional.
-# mnist/cifar/imagenet are the reference settings (METHOD.md §6); tiny is for short CPU runs.
+# Constructor kwargs minus input_size, in_channels, num_cond_labels, bidirectional. mnist/cifar/imagenet
+# are the reference settings of the method for those datasets; tiny is for short CPU runs.
 DIT_PRESETS = {
     'tiny': dict(patch_size=4, hidden_size=192, depth=6, num_heads=3),
     'mnist': dict(patch_size=2, hidden_size=128, depth=8, num_heads=4),

@@ -109,7 +109,7 @@ class EmbedSequential(nn.Sequential):
 
 class UNet(nn.Module):
     def __init__(self, input_size, in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
-                 dropout, num_heads, num_classes=2, bidirectional=False):
+                 dropout, num_heads, num_cond_labels=2, bidirectional=False):
         super().__init__()
         num_downsamples = len(channel_mult) - 1
         if input_size % 2 ** num_downsamples:
@@ -117,7 +117,7 @@ class UNet(nn.Module):
                              f'channel_mult {tuple(channel_mult)}; use fewer levels or a larger image')
         self.bidirectional = bidirectional
         emb_channels = 4 * model_channels
-        self.condition_embedder = ConditionEmbedder(emb_channels, num_classes, bidirectional,
+        self.condition_embedder = ConditionEmbedder(emb_channels, num_cond_labels, bidirectional,
                                                     frequency_size=model_channels)
 
         channels, resolution = model_channels, input_size
@@ -174,8 +174,8 @@ class UNet(nn.Module):
 _REFERENCE = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
                   dropout=0.1, num_heads=4)
 
-# Constructor kwargs minus input_size, in_channels, num_classes, bidirectional.
-# mnist/cifar/imagenet are the reference settings (METHOD.md §6); tiny is for short CPU runs.
+# Constructor kwargs minus input_size, in_channels, num_cond_labels, bidirectional. mnist/cifar/imagenet
+# are the reference settings of the method for those datasets; tiny is for short CPU runs.
 UNET_PRESETS = {
     'tiny': dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                  dropout=0.0, num_heads=4),

