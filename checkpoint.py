@@ -16,6 +16,7 @@ torch.load(weights_only=True) and a stranger's file cannot run code on your mach
 Resuming (train.py --resume) goes through resume_run: the command must describe the saved run
 (check_same_run; only RESUME_MAY_CHANGE may differ), and log.jsonl is cut back to the checkpoint's step.
 """
+import glob
 import json
 import os
 import pickle
@@ -112,6 +113,24 @@ def check_same_run(saved_args, args, may_change=RESUME_MAY_CHANGE):
     if differ:
         raise CheckpointError(f"--resume: this command differs from the run being resumed in {', '.join(differ)}; "
                               "repeat the original flags (only --max-steps and output/device flags may change)")
+
+
+def check_out_dir(out, resume):
+    """The run directory of train.py, checked before any work: fail now, not at the first save an hour later."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write to --out {out}: {e.strerror}") from None
+    if not resume and os.path.exists(os.path.join(out, "last.pt")):
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if resume and not os.path.exists(os.path.join(out, "last.pt")):
+        raise ValueError(f"--resume: no {os.path.join(out, 'last.pt')} to resume from")
+    for partial in glob.glob(os.path.join(out, ".tmp-*")):  # left by a save that was killed
+        os.remove(partial)
 
 
 def resume_run(out, args, map_location="cpu"):

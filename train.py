@@ -16,7 +16,6 @@ faults: SIGTERM saves and exits at the next step on every rank, a non-finite los
 before anything poisoned is written, and --resume continues bit for bit (checkpoint.py).
 """
 import argparse
-import glob
 import json
 import os
 import random
@@ -32,28 +31,27 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import devices
-from checkpoint import (MODELS, CheckpointError, build_class_embedder, build_flow, build_model, load_checkpoint,
-                        resume_run, rng_state, save_checkpoint, set_rng_state)
+from checkpoint import (MODELS, CheckpointError, build_class_embedder, build_flow, build_model, check_out_dir,
+                        load_checkpoint, resume_run, rng_state, save_checkpoint, set_rng_state)
 from embeddings import KINDS
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from model_dit import DIT_PRESETS
 from model_unet import UNET_PRESETS
 
 # Training recipes by preset; flags given on the command line win. The dataset presets are the
-# reference settings; 'tiny' is the CPU recipe (README: "The tiny recipe" says how it was found).
+# reference settings; 'tiny' is the CPU recipe, found by short MNIST runs on a 2-core CPU.
 TRAIN_PRESETS = {
     "tiny": dict(lr=1e-3, batch_size=64, max_steps=800, warmup_steps=100, ema_decay=0.999, ema_warmup=True),
     "mnist": dict(max_steps=120_000),
     "cifar": dict(max_steps=300_000),
     "imagenet": dict(max_steps=400_000),
 }
-REFERENCE = dict(i2c_time_power=1.0, lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
+REFERENCE = dict(i2c_time_power=1.0, lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999,
+                 ema_warmup=False)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
                "unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
                         "dropout", "num_heads")}
-
-
 T_BUCKETS = 4  # the log splits each direction's loss over t in [0, 1/4), [1/4, 1/2), ...
 
 
@@ -65,17 +63,11 @@ def get_args(argv=None):
     p.add_argument("--mode", default="l2i", choices=MODES)
     p.add_argument("--model", default="dit", choices=MODELS)
     p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), help="default: the dataset's reference preset")
-    # model shape (default: the preset's)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--hidden-size", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--num-heads", type=int)
-    p.add_argument("--mlp-ratio", type=float)
-    p.add_argument("--model-channels", type=int)
-    p.add_argument("--channel-mult", type=int, nargs="+")
-    p.add_argument("--num-res-blocks", type=int)
-    p.add_argument("--attention-resolutions", type=int, nargs="*")
-    p.add_argument("--dropout", type=float)
+    for flag, kind, nargs in (("patch-size", int, None), ("hidden-size", int, None), ("depth", int, None),
+                              ("num-heads", int, None), ("mlp-ratio", float, None), ("model-channels", int, None),
+                              ("channel-mult", int, "+"), ("num-res-blocks", int, None),
+                              ("attention-resolutions", int, "*"), ("dropout", float, None)):
+        p.add_argument(f"--{flag}", type=kind, nargs=nargs, help="model shape (default: the preset's)")
     # class latents
     p.add_argument("--embedding", default="rectangle", choices=KINDS)
     p.add_argument("--std-scale", type=float, default=1.0)
@@ -159,30 +151,6 @@ def resolve(args):
     return args
 
 
-def check_out_dir(args):
-    """Fail now, not at the first save an hour from now."""
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        probe = os.path.join(args.out, ".write-test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"cannot write to --out {args.out}: {e.strerror}") from None
-    if not args.resume and os.path.exists(os.path.join(args.out, "last.pt")):
-        raise ValueError(f"{args.out} already holds a run: pass --resume to continue it, or another --out")
-    if args.resume and not os.path.exists(os.path.join(args.out, "last.pt")):
-        raise ValueError(f"--resume: no {os.path.join(args.out, 'last.pt')} to resume from")
-    for partial in glob.glob(os.path.join(args.out, ".tmp-*")):  # left by a save that was killed
-        os.remove(partial)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 @torch.no_grad()
 def update_ema(ema, model, decay):
     ema_params = list(ema.parameters())
@@ -235,7 +203,7 @@ class Progress:
         self.counts.view(-1).index_add_(0, cell, torch.ones_like(per_sample, dtype=torch.float))
         self.mark_bad(step, torch.isfinite(total.detach()))
 
-    def mark_bad(self, step, finite):
+    def mark_bad(self, step, finite):  # keeps the first step at which `finite` was False
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, step, self.first_bad_step)
 
     def check_finite(self, step, params=None):
@@ -309,13 +277,16 @@ def main(args):
     args.device = device.type
     args.bf16 = devices.bf16_is_fast(device) if args.bf16 is None else args.bf16
     master = rank == 0
-    devices.on_rank0(lambda: check_out_dir(args))
+    devices.on_rank0(lambda: check_out_dir(args.out, args.resume))
     last_pt = os.path.join(args.out, "last.pt")
     if args.resume:  # rank 0 checks it before any work, so that a bad one stops every rank with one message
         ckpt = devices.on_rank0(lambda: resume_run(args.out, vars(args), device),
                                 others=lambda: load_checkpoint(last_pt, map_location=device))
-    seed_everything(args.seed * world_size + rank)
-    generator = torch.Generator(device).manual_seed(args.seed * world_size + rank)  # t, noise, pairs, flips
+    seed = args.seed * world_size + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)  # the flow's t, noise, pairing and flips
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
 
     model = devices.place(build_model(vars(args)), device, nhwc_on_cpu=args.model == "unet")
@@ -346,7 +317,6 @@ def main(args):
               f"parameters | {args.mode} on {args.dataset} | {world_size} process(es) on {device.type} | "
               f"bf16 {args.bf16} | from step {step}")
     progress = Progress(args, step, device)
-    model.train()
     while step < args.max_steps:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
@@ -394,7 +364,7 @@ def main(args):
 
 def write_line(log, record):
     log.write(json.dumps(record) + "\n")
-    log.flush()
+    log.flush()  # a killed run's log ends with whole lines
 
 
 def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
