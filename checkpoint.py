@@ -57,6 +57,7 @@ def atomic_write(path, write, mode="wb"):
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
+    os.fchmod(fd, 0o644)  # readable like any file, not mkstemp's owner-only 0600
     try:
         with os.fdopen(fd, mode) as f:
             write(f)

@@ -235,7 +235,9 @@ def test_tiny_models_overfit_real_mnist_and_sample_their_images(make_model, kind
     for _ in range(300):
         # 4 copies of the 4 pairs: more t values per step, so the t near 0 (pure generation) is learnt too
         loss, _, _ = flow.loss(model, x_image.repeat(4, 1, 1, 1), y.repeat(4), embedder, generator)
-        optimizer.zero_grad(), loss.backward(), optimizer.step()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < sum(losses[:10]) / 10 / 15
     samples, _ = flow.c2i(model.eval(), embedder, y, steps=20, solver="midpoint")
@@ -1241,7 +1243,10 @@ def test_checkpoint_holds_only_tensors_and_plain_values(uninterrupted_run):
 
 def test_rng_states_round_trip_exactly_through_a_checkpoint(tmp_path):
     generator = torch.Generator().manual_seed(3)
-    random.gauss(0, 1), np.random.standard_normal(), torch.rand(3), torch.rand(2, generator=generator)
+    random.gauss(0, 1)  # python's stream now holds a cached gaussian
+    np.random.standard_normal()
+    torch.rand(3)
+    torch.rand(2, generator=generator)
     save_checkpoint(dict(rng=[rng_state(generator)]), str(tmp_path / "rng.pt"))  # gaussians cached, numpy mid-block
 
     def draw():
