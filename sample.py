@@ -27,7 +27,7 @@ from torchvision.utils import make_grid, save_image
 
 import data
 import devices
-from checkpoint import CheckpointError, build_from_checkpoint, load_checkpoint
+from checkpoint import CheckpointError, build_from_checkpoint, export_ema, load_checkpoint
 from devices import is_main_process, run_sharded
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS, network_passes
@@ -252,6 +252,8 @@ def main():
                        help="C2I of a sum of class means such as 'A + B - C' (ids or names), beside each class's own")
     extra.add_argument("--trajectory", action="store_true",
                        help="the states z_t along the ODE, class -> image and image -> class: PNG strip + GIF")
+    extra.add_argument("--export", metavar="PATH",
+                       help="write the EMA weights alone in fp16 to PATH (a few MB, for sampling; no training state)")
     p.add_argument("--num-frames", type=int, default=10, help="frames along the --interpolate line or the --trajectory")
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
     p.add_argument("--save-tensors", action="store_true",
@@ -271,6 +273,9 @@ def main():
 def run(args, device, parser):
     sharded, main_process = devices.world_size() > 1, is_main_process()
     ckpt = load_checkpoint(args.checkpoint)
+    if args.export:
+        export_ema(ckpt, args.export)
+        return print(f"wrote {args.export} (EMA weights of step {ckpt['step']} in fp16)")
     model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
     num_classes, class_names = train_args["num_classes"], data.CLASS_NAMES[train_args["dataset"]]
     bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
