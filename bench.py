@@ -4,22 +4,15 @@
     python bench.py                         # every preset, DiT and UNet, bf16 and fp32, compile off and on
     python bench.py --loss-curves 200 --batch-size 16    # speed changes keep the fixed-seed loss curve?
 
-Training speed is the real step of train.py (train.train_step: flow.loss in bidi mode, AdamW,
-gradient clipping; then the EMA update) on a synthetic uint8 dataset already on the device, at the
-preset's batch size (halved until it fits). Warm-up steps (and compilation) are excluded; the
-reported time per step is the median over timed windows.
+The timed step is train.py's (train_step, then the EMA update) on synthetic uint8 data held on the
+device, at the preset's batch (halved until it fits); after warm-up, the median over timed windows.
 
-    MFU = (model FLOPs per step) / (step time) / (matmul FLOP/s of that precision on this device)
+    MFU = (FLOPs of forward + backward, FlopCounterMode) / (step time) / (this device's measured GEMM FLOP/s)
 
-FLOPs of one forward + backward are counted by torch.utils.flop_counter.FlopCounterMode (attention
-through its math path, so it is counted on every device); the matmul FLOP/s is measured here on one
-large square GEMM, so MFU reads "fraction of what this device's matrix units deliver".
-Peak memory: torch.cuda.max_memory_allocated on a GPU; on a CPU the growth of the process's peak
-resident set (VmHWM, reset per configuration) over its size when the configuration started.
-
-The loss curves train the tiny DiT and UNet on MNIST from one seed with each speed change (NHWC,
-torch.compile) and without, and from a second seed: a change keeps the curve if it stays nearer the
-plain eager curve than the second seed does.
+Peak memory: torch.cuda.max_memory_allocated on a GPU, the growth of the peak RSS (VmHWM) on a CPU.
+The loss curves train the tiny DiT and UNet on MNIST with each speed change (NHWC, torch.compile) and
+without, and from a second seed: a change keeps the curve if it stays nearer the plain eager curve
+than the second seed does.
 """
 import argparse
 import copy
@@ -45,8 +38,6 @@ from checkpoint import (atomic_write, build_class_embedder, build_flow, build_fr
 from flow import DEFAULT_STEPS, SOLVERS
 
 PRESET_DATASET = {"tiny": "mnist", "mnist": "mnist", "cifar": "cifar", "imagenet": "imagenet100"}
-# Timed for sampling: each solver at its default steps (flow.DEFAULT_STEPS; euler 40 is the reference).
-SAMPLERS = tuple((solver, DEFAULT_STEPS.get(solver)) for solver in SOLVERS)
 
 
 def synchronize(device):
@@ -66,33 +57,29 @@ def median_seconds(fn, device, windows, repeats):
     return statistics.median(times)
 
 
-def matmul_tflops(device, dtype, size, windows=3):
+def matmul_tflops(device, dtype, size):
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    for _ in range(2):  # warm-up: library selection, clocks
-        a @ b
-    return 2 * size**3 / median_seconds(lambda: a @ b, device, windows, 3) / 1e12
+    a @ b  # warm-up: library selection, clocks
+    return 2 * size**3 / median_seconds(lambda: a @ b, device, 3, 3) / 1e12
 
 
-# ---------------------------------------------------------------- peak memory
-
-def _proc_status_kb(field):
+def _proc_status_mb(field):
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def memory_mark(device):
     """Start a peak-memory window; returns the baseline in MB (None where it cannot be measured)."""
     gc.collect()
-    if device.type == "cpu" and sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS growth means new memory
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device) / 2**20
     try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS growth means new memory
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-        return _proc_status_kb("VmRSS") / 1024
+        return _proc_status_mb("VmRSS")
     except (OSError, StopIteration):
         return None
 
@@ -100,8 +87,7 @@ def memory_mark(device):
 def memory_peak(device, baseline):
     if baseline is None:
         return None
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else _proc_status_kb("VmHWM") / 1024)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _proc_status_mb("VmHWM")
     return round(peak - baseline, 1)
 
 
@@ -117,7 +103,8 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     embedder = build_class_embedder(vars(args)).to(device)
-    ema, ema_embedder = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(embedder)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    ema_embedder = copy.deepcopy(embedder)
     flow = build_flow(vars(args))
     params = list(model.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
@@ -140,55 +127,19 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
         train.update_ema(ema, model, args.ema_decay)
         train.update_ema(ema_embedder, embedder, args.ema_decay)
         return loss.detach()
-    return step, dict(args=args, model=model, train_model=train_model, embedder=embedder, flow=flow,
-                      generator=generator, autocast=autocast, batches=batches)
+    return step, dict(args=args, model=model, embedder=embedder, flow=flow)
 
 
 def count_step_flops(parts, device, batch_size):
     """FLOPs of forward + backward, counted at batch 2 and scaled: every op here is per-sample."""
-    model, embedder, flow, args = parts["model"], parts["embedder"], parts["flow"], parts["args"]
+    model, args = parts["model"], parts["args"]
     x_uint8 = torch.zeros(2, *args.data_shape, dtype=torch.uint8, device=device)
     y = torch.zeros(2, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        loss, _, _ = flow.loss(model, data.to_unit_range(x_uint8), y, embedder)
+        loss, _, _ = parts["flow"].loss(model, data.to_unit_range(x_uint8), y, parts["embedder"])
         loss.backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2 * batch_size
-
-
-def host_syncs_per_step(step, batches, device):
-    """How many times one training step makes the CPU wait for the GPU (CUDA only; 0 is the goal).
-    Not the first step of an epoch, which copies the epoch's shuffled order to the GPU once."""
-    if device.type != "cuda":
-        return None
-    if batches.offset == 0:
-        step()
-    import warnings
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
-def compiled_loss_agreement(parts):
-    """|loss(compiled) - loss(eager)| / loss on one batch with the same weights and random draws.
-    Skipped (None) where dropout is active, since the two then draw different masks."""
-    model = parts["model"]
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
-        return None
-    x_uint8, y = parts["batches"].next()
-    state = parts["generator"].get_state()
-    losses = []
-    for net in (parts["train_model"], model):
-        parts["generator"].set_state(state)
-        with parts["autocast"]:
-            losses.append(parts["flow"].loss(net, data.to_unit_range(x_uint8), y, parts["embedder"],
-                                             parts["generator"])[0].item())
-    return abs(losses[0] - losses[1]) / max(abs(losses[1]), 1e-12)
 
 
 def bench_training(config, device, peak_tflops, warmup, windows, window_seconds):
@@ -198,43 +149,20 @@ def bench_training(config, device, peak_tflops, warmup, windows, window_seconds)
         try:
             step, parts = build_training(config["preset"], config["model"], batch_size, device, config["bf16"],
                                          config["compile"], config["channels_last"])
-            start = time.perf_counter()
             for _ in range(warmup):
                 step()
-            synchronize(device)
-            warmup_seconds = time.perf_counter() - start
             repeats = max(1, min(100, round(window_seconds / median_seconds(step, device, 1, 1))))
             seconds = median_seconds(step, device, windows, repeats)
-            peak_mb = memory_peak(device, baseline)
             break
         except torch.OutOfMemoryError:
-            parts = step = None
+            step = parts = None
             if batch_size == 1:
                 raise
             batch_size //= 2
     flops = count_step_flops(parts, device, batch_size)
-    result = dict(config, batch_size=batch_size, img_per_s=batch_size / seconds, step_ms=1000 * seconds,
-                  peak_mem_mb=peak_mb, gflop_per_step=flops / 1e9,
-                  mfu=flops / seconds / (peak_tflops["bf16" if config["bf16"] else "fp32"] * 1e12),
-                  warmup_s=warmup_seconds, host_syncs_per_step=host_syncs_per_step(step, parts["batches"], device),
-                  compile_rel_loss_diff=compiled_loss_agreement(parts) if config["compile"] else None)
-    return result
-
-
-def training_configs(presets, precisions, compile_modes, batch_size=None):
-    """Most telling first, so that a time budget cuts the least useful: eager in the first precision,
-    one compiled DiT, eager in the other precision, then the other compiled configurations."""
-    configs = []
-    for compile in compile_modes:
-        for preset in presets:
-            for bf16 in precisions:
-                for model, channels_last in (("dit", False), ("unet", True), ("unet", False)):
-                    batch = batch_size or train.TRAIN_PRESETS[preset].get("batch_size", train.REFERENCE["batch_size"])
-                    configs.append(dict(preset=preset, model=model, bf16=bf16, compile=compile,
-                                        channels_last=channels_last, batch_size=batch))
-    first = [c for c in configs if not c["compile"] and c["bf16"] == precisions[0]]
-    compiled = [c for c in configs if c["compile"]]
-    return first + compiled[:1] + [c for c in configs if not c["compile"] and c not in first] + compiled[1:]
+    peak = peak_tflops["bf16" if config["bf16"] else "fp32"] * 1e12
+    return dict(config, batch_size=batch_size, img_per_s=batch_size / seconds, step_ms=1000 * seconds,
+                peak_mem_mb=memory_peak(device, baseline), gflop_per_step=flops / 1e9, mfu=flops / seconds / peak)
 
 
 def loss_curves(args, device):
@@ -242,7 +170,8 @@ def loss_curves(args, device):
     the loss curve of the plain eager NCHW step? Its distance to that curve is set against the distance
     a second seed makes, which is the size of the noise. Returns {model: {variant: [window means]}}."""
     dataset = tuple(t.to(device) for t in data.load_dataset("mnist", "train", args.data_dir))
-    window, batch_size = max(1, args.loss_curves // 10), args.batch_size or train.TRAIN_PRESETS["tiny"]["batch_size"]
+    window = max(1, args.loss_curves // 10)
+    batch_size = args.batch_size or train.TRAIN_PRESETS["tiny"]["batch_size"]
     report = dict(steps=args.loss_curves, batch_size=batch_size, window=window, curves={})
     for model in ("unet", "dit"):
         curves = report["curves"][model] = {}
@@ -263,28 +192,26 @@ def loss_curves(args, device):
 
 # ---------------------------------------------------------------- sampling and features
 
-def sampling_model(checkpoint, preset, device):
-    """A trained EMA model, or the preset's DiT with weights moved off their zero init (an adaLN-Zero
-    model outputs exactly 0, which would make dopri5 look free)."""
+def bench_sampling(checkpoint, preset, device, batch_size, windows):
+    """Each solver at its default steps, on a trained EMA model or on the preset's DiT with weights moved
+    off their zero init (an adaLN-Zero model outputs exactly 0, which would make dopri5 look free)."""
     if checkpoint:
-        model, embedder, flow, args = build_from_checkpoint(load_checkpoint(checkpoint), device)
-        return model, embedder, flow, f"{args['model']} {args['preset']} (trained)"
-    _, parts = build_training(preset, "dit", 1, device, False, False, False)
-    with torch.no_grad():
+        model, embedder, flow, _ = build_from_checkpoint(load_checkpoint(checkpoint), device)
+    else:
+        _, parts = build_training(preset, "dit", 1, device, False, False, False)
+        model, embedder, flow = parts["model"].eval(), parts["embedder"], parts["flow"]
         generator = torch.Generator().manual_seed(0)
-        for p in parts["model"].parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=generator).to(device))
-    return parts["model"].eval(), parts["embedder"], parts["flow"], f"dit {preset} (random weights)"
-
-
-def bench_sampling(model, embedder, flow, device, batch_size, windows):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=generator).to(device))
     y = torch.arange(batch_size, device=device) % embedder.num_classes
     z = embedder(y, torch.Generator(device).manual_seed(0))
     rows = []
-    for solver, steps in SAMPLERS:
-        kw = dict(solver=solver, steps=steps) if steps else dict(solver=solver)
-        nfe = flow.c2i(model, embedder, y, z=z, **kw)[1]  # warm-up, and the NFE
-        seconds = median_seconds(lambda: flow.c2i(model, embedder, y, z=z, **kw), device, windows, 1)
+    for solver in SOLVERS:
+        steps = DEFAULT_STEPS.get(solver)
+        nfe = flow.c2i(model, embedder, y, z=z, solver=solver, steps=steps)[1]  # warm-up, and the NFE
+        seconds = median_seconds(lambda: flow.c2i(model, embedder, y, z=z, solver=solver, steps=steps), device,
+                                 windows, 1)
         rows.append(dict(solver=solver, steps=steps, nfe=nfe, batch_size=batch_size, seconds_per_batch=seconds,
                          img_per_s=batch_size / seconds))
     return rows
@@ -304,20 +231,24 @@ def run_benchmarks(args, device):
     deadline = time.time() + args.time_budget if args.time_budget else math.inf
     cuda = device.type == "cuda"
     size = 8192 if cuda else (512 if args.quick else 1024)
+    windows = 1 if args.quick else 3
     report = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
-                  threads=torch.get_num_threads(), quick=args.quick,
-                  matmul_tflops={name: matmul_tflops(device, dtype, size)
-                                 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))},
-                  training=[], skipped=[])
-    model, embedder, flow, name = sampling_model(args.checkpoint, "tiny" if args.quick else "mnist", device)
-    report["sampling_model"] = name
-    report["sampling"] = bench_sampling(model, embedder, flow, device, 256 if cuda else 2 if args.quick else 16,
-                                        1 if args.quick else 3)
-    report["inception"] = bench_inception(device, 200 if cuda else 2 if args.quick else 8, 1 if args.quick else 3)
+                  threads=torch.get_num_threads(),
+                  matmul_tflops=dict(bf16=matmul_tflops(device, torch.bfloat16, size),
+                                     fp32=matmul_tflops(device, torch.float32, size)),
+                  training=[], skipped=[], failed=[])
+    report["sampling"] = bench_sampling(args.checkpoint, "tiny" if args.quick else "mnist", device,
+                                        256 if cuda else 2 if args.quick else 16, windows)
+    report["inception"] = bench_inception(device, 200 if cuda else 2 if args.quick else 8, windows)
     precision = args.precision or ("auto" if args.quick else "both")
     precisions = dict(auto=(devices.bf16_is_fast(device),), bf16=(True,), fp32=(False,), both=(True, False))[precision]
     warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
-    for config in training_configs(args.presets, precisions, args.compile, args.batch_size):
+    # Eager first: a --time-budget cuts the compiled configurations.
+    configs = [dict(preset=preset, model=model, bf16=bf16, compile=compile, channels_last=channels_last,
+                    batch_size=args.batch_size or {**train.REFERENCE, **train.TRAIN_PRESETS[preset]}["batch_size"])
+               for compile in args.compile for bf16 in precisions for preset in args.presets
+               for model, channels_last in (("dit", False), ("unet", True), ("unet", False))]
+    for config in configs:
         if time.time() > deadline - (60 if config["compile"] else 3):
             report["skipped"].append(config)
             continue
@@ -326,7 +257,7 @@ def run_benchmarks(args, device):
                                                      window_seconds))
             print(format_row(report["training"][-1]), flush=True)
         except Exception as error:  # e.g. no compiler for torch.compile: record it, measure the rest
-            report.setdefault("failed", []).append(dict(config, error=f"{type(error).__name__}: {error}"[:500]))
+            report["failed"].append(dict(config, error=f"{type(error).__name__}: {error}"[:500]))
             print(f"failed: {config}: {type(error).__name__}: {error}"[:300], flush=True)
         write_json(report, args.json)
     return report
@@ -334,7 +265,7 @@ def run_benchmarks(args, device):
 
 def format_row(r):
     name = f"{r['preset']} {r['model']}{'-cl' if r['channels_last'] else ''}"
-    peak = f"{r['peak_mem_mb']:8.1f}" if r["peak_mem_mb"] is not None else "     n/a"
+    peak = "     n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:8.1f}"
     return (f"{name:14s} {'bf16' if r['bf16'] else 'fp32'} {'compile' if r['compile'] else 'eager  '} "
             f"batch {r['batch_size']:4d} | {r['img_per_s']:9.1f} img/s | {r['step_ms']:8.1f} ms | "
             f"peak {peak} MB | {r['gflop_per_step']:9.1f} GFLOP | MFU {100 * r['mfu']:5.1f}%")
@@ -347,23 +278,19 @@ def write_json(obj, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="tiny presets at batch 4 in train.py's precision, a few steps, no compile")
+    p.add_argument("--quick", action="store_true", help="tiny presets at batch 4 in train.py's precision, no compile")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--presets", nargs="+", choices=tuple(PRESET_DATASET),
-                   help="default: all on a GPU, tiny on a CPU")
+    p.add_argument("--presets", nargs="+", choices=tuple(PRESET_DATASET), help="default: all on a GPU, tiny on a CPU")
     p.add_argument("--batch-size", type=int, help="default: the preset's on a GPU, 16 on a CPU")
     p.add_argument("--compile", choices=("off", "on", "both"), help="default: both on a GPU, else off")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32", "both"),
-                   help="default: both; auto (train.py's choice for the device) with --quick")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32", "both"), help="default: both (auto with --quick)")
     p.add_argument("--checkpoint", help="time sampling with this trained model (default: random weights)")
     p.add_argument("--windows", type=int, default=5, help="timed windows per configuration (median)")
-    p.add_argument("--window-seconds", type=float, default=0.5, help="length of one timed window")
+    p.add_argument("--window-seconds", type=float, default=0.5)
     p.add_argument("--time-budget", type=float, default=0, help="seconds; later configurations are skipped")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--data-dir", default="data", help="loss curves: where MNIST is")
-    p.add_argument("--loss-curves", type=int, metavar="STEPS",
-                   help="fixed-seed loss curves of the tiny presets on MNIST: eager vs NHWC vs compiled")
+    p.add_argument("--loss-curves", type=int, metavar="STEPS", help="fixed-seed loss curves of the tiny presets")
     args = p.parse_args()
     device = torch.device(args.device)
     full = device.type == "cuda" and not args.quick
@@ -371,13 +298,10 @@ def main():
     args.batch_size = args.batch_size or (4 if args.quick else None if device.type == "cuda" else 16)
     args.compile = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or ("both" if full else "off")]
     if args.loss_curves:
-        loss_curves(args, device)
-        return
+        return loss_curves(args, device)
     report = run_benchmarks(args, device)
     print(f"\n{report['device']} | torch {report['torch']} | {report['threads']} threads | matmul "
           + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report["matmul_tflops"].items()))
-    for row in report["training"]:
-        print(format_row(row))
     for row in report["sampling"]:
         print(f"sampling {row['solver']:8s} steps {row['steps']} NFE {row['nfe']:3d}: "
               f"{row['seconds_per_batch']:.3f} s per batch of {row['batch_size']}")
