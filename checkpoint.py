@@ -4,17 +4,15 @@ A checkpoint is a plain dict of tensors and Python values (no pickled classes), 
 torch.load(weights_only=True) and a stranger's file cannot run code on your machine:
 
     format      CHECKPOINT_FORMAT, to tell our files from any other .pt
-    args        every train.py flag (a dict), with the preset resolved; model_config, data_shape,
-                num_classes are among them, so sample.py / evaluate.py need no flags
+    args        every train.py flag, preset resolved (with model_config, data_shape, num_classes)
     model, ema  state dicts of the raw (un-compiled, un-DDP'd) network and of its EMA
     embedder, ema_embedder   class-latent state (the means; trainable ones for 'learned')
     optimizer, step   AdamW moments and the number of updates done (the LR schedule is a function of it)
     rng         per rank: python, numpy, torch CPU and CUDA states and the flow's generator (rng_state)
-    data_state  per-epoch sampler position {'epoch', 'offset'} (data.Batches), so the next batch is the
-                one an uninterrupted run would have drawn
+    data_state  the sampler's {'epoch', 'offset'} (data.Batches): the next batch is an uninterrupted run's
 
-Resuming (train.py --resume) goes through resume_run: the command must describe the saved run
-(check_same_run; only RESUME_MAY_CHANGE may differ), and log.jsonl is cut back to the checkpoint's step.
+--resume goes through resume_run: the command must describe the saved run (only RESUME_MAY_CHANGE may
+differ), and log.jsonl is cut back to the checkpoint's step.
 """
 import glob
 import json
@@ -47,12 +45,9 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(f) into a temporary file beside `path`, fsync, then rename it over `path`: every file this
-    project writes (checkpoints, logs, datasets, caches) goes through here.
-
-    rename() within one file system is atomic, so `path` always holds either its previous complete
-    content or the new complete one, whenever the process dies; concurrent writers never see half a file.
-    """
+    """write(f) into a temporary file beside `path`, fsync, then rename it over `path`: rename() within one
+    file system is atomic, so `path` holds its previous or its new complete content whenever the process
+    dies. Every file this project writes (checkpoints, logs, datasets, caches) goes through here."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
@@ -76,8 +71,8 @@ def atomic_write(path, write, mode="wb"):
 
 
 def cache_dir():
-    """Where the FID Inception weights, the C2I classifier and reference features are cached:
-    $XFM_CACHE, else $XDG_CACHE_HOME/xfm, else ~/.cache/xfm."""
+    """The cache of the FID Inception, the C2I classifier and reference features: $XFM_CACHE, else
+    $XDG_CACHE_HOME/xfm, else ~/.cache/xfm."""
     if os.environ.get("XFM_CACHE"):
         return Path(os.environ["XFM_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xfm"
@@ -148,9 +143,8 @@ def resume_run(out, args, map_location="cpu"):
 
 
 def export_ema(ckpt, path, dtype=torch.float16):
-    """The sampling part of a checkpoint alone: args, step and the EMA weights stored in `dtype` (the tiny
-    UNet: 2.4 MB in fp16 instead of 19 MB with the raw weights, AdamW moments and random states). It
-    loads like any checkpoint in sample.py and evaluate.py; it cannot resume training."""
+    """Args, step and the EMA weights alone, in `dtype` (the tiny UNet: 2.4 MB in fp16 instead of 19 MB): it
+    loads like any checkpoint in sample.py and evaluate.py, but cannot resume training."""
     ema = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     save_checkpoint(dict(format=CHECKPOINT_FORMAT, args=ckpt["args"], step=ckpt["step"], ema=ema,
                          ema_embedder=ckpt["ema_embedder"]), path)
@@ -186,11 +180,7 @@ def build_model(args):
     num_cond_labels = args["num_classes"] + 1 if args["use_conditioning"] else 2
     common = dict(input_size=height, in_channels=channels, num_cond_labels=num_cond_labels,
                   bidirectional=args["mode"] == "bidi")
-    if args["model"] == "dit":
-        return DiT(**common, **args["model_config"])
-    if args["model"] == "unet":
-        return UNet(**common, **args["model_config"])
-    raise ValueError(f"unknown --model {args['model']!r}; choose one of {', '.join(MODELS)}")
+    return {"dit": DiT, "unet": UNet}[args["model"]](**common, **args["model_config"])
 
 
 def build_class_embedder(args):

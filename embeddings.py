@@ -4,8 +4,8 @@ Each class c has a fixed mean pattern m_c of the image's shape C x H x W, and a 
 
     x_class = m_c + std_scale * eps,        eps ~ N(0, I).
 
-With std_scale = 0 the source of the flow is one point per class; the noise turns it into a
-distribution, the class-level analogue of CrossFlow's variational text encoder. Kinds of m_c:
+The noise makes each class a distribution, not a point: the class-level analogue of CrossFlow's
+variational text encoder. Kinds of m_c:
 
     grayscale   m_c = linspace(-1, 1, K)[c] everywhere.
     rectangle   a rect_size^2 square of a +-1 colour code in a class-specific grid cell, blurred
@@ -15,8 +15,9 @@ distribution, the class-level analogue of CrossFlow's variational text encoder. 
     clip, text  a pooled text embedding v_c of the class name (unit norm), mapped to C*H*W pixels by
                 a fixed seeded orthonormal projection Q (QR of a seeded Gaussian matrix):
                 m_c = sqrt(C*H*W) * Q v_c, so pixel RMS is 1 and ||m_a - m_b|| ∝ ||v_a - v_b||.
-    learned     CrossFlow's variational encoder for classes: trainable mu_c and log sigma_c^2 per
-                pixel, x_class = mu_c + sigma_c * eps, with KL(N(mu_c, sigma_c^2) || N(0, I)).
+    learned     CrossFlow's variational encoder for classes: trainable mu_c and log sigma_c^2 per pixel
+                (mu_c starts at the rectangle pattern), x_class = mu_c + sigma_c * eps, and the KL term
+                0.5 mean(mu^2 + sigma^2 - 1 - log sigma^2) keeps them from drifting apart without bound.
     noise       m_c = 0, std 1: plain Gaussian noise, the noise->image baseline of standard CFG.
 
 Decoding a latent z back to a class (the I2C prediction): nearest mean by L2,
@@ -51,7 +52,7 @@ def _gaussian_blur(x, sigma, kernel_size=7):
 
 def rectangle_codes(channels):
     """+-1 colour codes: two grays for C=1; for C=3 four corners of the RGB cube forming a regular
-    tetrahedron, so every pair of codes is equally far apart."""
+    tetrahedron (every pair equally far apart)."""
     if channels == 1:
         return torch.tensor([[1.0], [-1.0]])
     assert channels == 3, f"rectangle latents support 1 or 3 channels, got {channels}"
@@ -64,8 +65,8 @@ def rectangle_means(num_classes, shape, rect_size=10, blur_sigma=2.0):
     num_cells = math.ceil(num_classes / len(codes))
     grid = math.ceil(math.sqrt(num_cells))
     cell_h, cell_w = height // grid, width // grid
-    # With many classes (ImageNet-100) the cells get smaller than the rectangle: shrink it to its
-    # cell so that classes sharing a colour code never overlap.
+    # With many classes (ImageNet-100) a cell is smaller than the rectangle: shrink it to its cell, so
+    # classes sharing a colour code never overlap.
     rect_h, rect_w = min(rect_size, cell_h), min(rect_size, cell_w)
     means = torch.zeros(num_classes, channels, height, width)
     for c in range(num_classes):
@@ -130,13 +131,7 @@ def load_class_vectors(kind, dataset, directory=CLASS_VECTORS_DIR):
 
 
 class ClassEmbedder(nn.Module):
-    """Draws class latents for labels and decodes latents back to labels.
-
-    For kind 'learned' the means are trainable and each pixel has a trainable log-variance
-    (CrossFlow's variational encoder): x_class = mu_c + exp(logvar_c / 2) * eps, and
-    KL(N(mu, sigma^2) || N(0, 1)) = 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2), averaged over pixels and
-    classes, keeps the latents from drifting apart without bound while the flow loss shapes them.
-    """
+    """Draws class latents for labels (forward) and decodes latents back to labels (decode)."""
 
     def __init__(self, means, std_scale=1.0, kind="rectangle"):
         super().__init__()
@@ -192,8 +187,7 @@ def accuracy(pred, labels, num_classes):
 
 
 def i2c_accuracy(pred_l2, pred_cos, labels, num_classes=None):
-    """The I2C accuracy: latents decoded to the nearest class mean (ClassEmbedder.decode, by L2 and by
-    cosine), against the true labels; overall and per class."""
+    """I2C accuracy of the nearest-mean predictions (ClassEmbedder.decode), overall and per class."""
     num_classes = num_classes or int(torch.as_tensor(labels).max()) + 1
     (acc_l2, per_class_l2), (acc_cos, per_class_cos) = (accuracy(p, labels, num_classes) for p in (pred_l2, pred_cos))
     return dict(i2c_acc_l2=acc_l2, i2c_acc_cos=acc_cos, per_class_i2c_acc_l2=per_class_l2,
@@ -202,19 +196,15 @@ def i2c_accuracy(pred_l2, pred_cos, labels, num_classes=None):
 
 def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, rect_size=10, blur_sigma=2.0,
                    low_res=6, vectors=None, dataset=None):
-    """One place that turns the --embedding flags into a ClassEmbedder.
-
-    `vectors` (K, D) are the class-name embeddings that the 'clip' and 'text' kinds need; without them
-    the cached ones of `dataset` are loaded (load_class_vectors).
-    'learned' starts from the rectangle pattern, so it begins as a working latent and learns from there.
-    """
+    """The --embedding flags -> a ClassEmbedder. 'clip' and 'text' take `vectors` (K, D), else the cached
+    class-name vectors of `dataset`."""
     if kind not in KINDS:
         raise ValueError(f"unknown embedding {kind!r}; choose one of {', '.join(KINDS)}")
     if std_scale < 0:
         raise ValueError(f"--std-scale must be >= 0, got {std_scale}")
     if kind == "grayscale":
         means = grayscale_means(num_classes, shape)
-    elif kind == "rectangle":
+    elif kind in ("rectangle", "learned"):  # 'learned' starts as a working latent and learns from there
         means = rectangle_means(num_classes, shape, rect_size, blur_sigma)
     elif kind == "smoothrand":
         means = smoothrand_means(num_classes, shape, low_res, seed)
@@ -224,8 +214,6 @@ def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, rect_size=10
         if vectors is None or len(vectors) != num_classes:
             raise ValueError(f"the {kind!r} embedding needs one class-name vector per class")
         means = projected_means(vectors, shape, seed)
-    elif kind == "noise":
+    else:  # noise
         return ClassEmbedder(torch.zeros(num_classes, *shape), 1.0, kind="noise")
-    else:  # learned
-        means = rectangle_means(num_classes, shape, rect_size, blur_sigma)
     return ClassEmbedder(means, std_scale, kind)

@@ -20,22 +20,22 @@ In i2l mode t is flipped to 1 - t, so that with one seed the i2l model sees the 
 (1 - t) x_class + t x_image as an l2i model: z_t is then read with t measured from the image.
 
 Time per direction (--i2c-time-power p): image -> class samples (all of i2l, direction 1 of bidi) take
-t <- t^p, for uniform t the density p(t) = t^(1/p - 1) / p. Why: for t > 0 the class latent t m_c is
-already visible in z_t, so the network can read the class off z_t; only near t = 0, where sampling
-starts, must it read the class off the image. p = 3 puts half of that direction's training below
-t = 1/8. At t = 0 the ideal I2C velocity is E[x_class | x_image] - x_image, so one Euler step,
-x_image + v(x_image, 0), is the posterior mean of the class means: the "t = 0 read-out" of the class.
+t <- t^p, density p(t) = t^(1/p - 1) / p for uniform t. Why: for t > 0 the class latent t m_c is visible
+in z_t, so the network can read the class off z_t; only near t = 0, where sampling starts, must it read
+the class off the image. p = 3 puts half of that direction's training below t = 1/8. At t = 0 the ideal
+I2C velocity is E[x_class | x_image] - x_image, so one Euler step x_image + v(x_image, 0) is the
+posterior mean of the class means: the "t = 0 read-out" (READOUT).
 
-Guidance (CrossFlow-style indicator): cond = 0 (conditional) or 1 (null). With probability
-cfg_dropout a training pair is marked null and its class latent is drawn for a uniformly random
-class, so the null branch learns to flow from an unrelated class latent. At sampling time
+Guidance (CrossFlow-style indicator): cond = 0 (conditional) or 1 (null). With probability cfg_dropout a
+pair is marked null and its class latent drawn for a random class, so the null branch learns to flow
+from an unrelated class latent. At sampling time
 
     v = v_null + w (v_cond - v_null),       computed as one doubled batch; w = 1 is one pass.
 
 With use_conditioning (a noise source, standard CFG) cond is the class id and K is the null id.
 
-Sampling integrates dz/dt = v_theta(z, t) with torchdiffeq from t=0 to t=1 for the direction the
-model was trained on, and from t=1 back to t=0 for the reverse one (l2i and i2l models).
+Sampling integrates dz/dt = v_theta(z, t) with torchdiffeq from t = 0 to 1 in a trained direction, and
+from t = 1 back to 0 in the reverse one of an l2i or i2l model.
 """
 import torch
 import torch.nn.functional as F
@@ -43,16 +43,15 @@ from torchdiffeq import odeint
 
 MODES = ("l2i", "i2l", "bidi")
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
-# The default sampler: midpoint, 8 steps (16 NFE), on the "ends" grid. On a bidi MNIST UNet trained 5,000
-# steps it scored FID 31.8 (35.1 on the uniform grid) where 40 uniform Euler steps, the method's reference
-# sampler, scored 33.1. A solver named without steps or grid takes its own defaults: euler the 40 uniform
-# steps of the reference, rk4 the grid it scored best on (FID 46).
+# The default sampler, midpoint 8 steps (16 NFE) on the "ends" grid, scored FID 31.8 on a 5,000-step bidi
+# MNIST UNet, where the reference, 40 uniform Euler steps, scored 33.1 (RESULTS.md). A solver named alone
+# takes its own defaults: euler the reference, rk4 the grid it scored best on.
 DEFAULT_SOLVER = "midpoint"
 DEFAULT_STEPS = {"euler": 40, "midpoint": 8, "rk4": 4}
 TIME_GRIDS = ("uniform", "end", "start", "ends")
 DEFAULT_TIME_GRID = {"euler": "uniform", "midpoint": "ends", "rk4": "end"}
 CLASS_TO_IMAGE, IMAGE_TO_CLASS = 0, 1
-# The t = 0 read-out of I2C is one Euler step from the image end: x + v(x, 0) (x - v(x, 1) for l2i models).
+# The t = 0 read-out: one Euler step from the image end, x + v(x, 0) (x - v(x, 1) for l2i models).
 READOUT = dict(solver="euler", steps=1, time_grid="uniform")
 
 
@@ -140,8 +139,7 @@ class Flow:
             v = v + (1 - 2 * t4) * self.si_scale * batch["eps"]
         direction = batch["direction"] if self.mode == "bidi" else None
         v_pred = model(z_t, t, batch["cond"], direction)
-        # The loss is taken in float32 even under bf16 autocast: small velocity errors late in
-        # training are below bf16's resolution.
+        # float32 even under bf16 autocast: late in training the velocity errors are below bf16's resolution.
         return F.mse_loss(v_pred.float(), v.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def loss(self, model, x_image, y, embedder, generator=None):
@@ -154,11 +152,9 @@ class Flow:
                   reverse=False, times=None, time_grid=None):
         """Integrate dz/dt = v_theta from t=0 to 1 (or 1 to 0 with reverse). Returns (z_end, nfe).
 
-        `direction` is passed to a bidi model; `cond_class` are the class ids of standard CFG.
-        With `times` (an increasing grid in [0, 1]) the states at those times are returned instead,
-        stacked as (len(times), N, C, H, W). Fixed-step solvers take `steps` steps (default
-        DEFAULT_STEPS[solver]) placed by `time_grid` (default DEFAULT_TIME_GRID[solver]; see
-        fixed_time_grid); dopri5 chooses its own.
+        `direction` goes to a bidi model, `cond_class` (class ids) to standard CFG. With `times` (increasing,
+        in [0, 1]) the states at those times come back instead, (len(times), N, C, H, W). Fixed-step solvers
+        take `steps` steps placed by `time_grid` (default: the solver's); dopri5 chooses its own.
         """
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -167,8 +163,8 @@ class Flow:
             assert cond_class is not None, "standard CFG samples need the class ids"
             cond, null = cond_class, torch.full_like(cond_class, self.num_classes)
         else:
-            cond, null = torch.zeros(n, dtype=torch.long, device=z.device), torch.ones(
-                n, dtype=torch.long, device=z.device)
+            cond = torch.zeros(n, dtype=torch.long, device=z.device)
+            null = torch.ones_like(cond)
         dirs = torch.full((n,), direction, dtype=torch.long, device=z.device) if self.mode == "bidi" else None
         guided = cfg_scale != 1.0
         if guided:  # one doubled batch: conditional half first, null half second
@@ -193,8 +189,7 @@ class Flow:
         if solver == "dopri5":
             states = odeint(velocity, z.float(), grid, method="dopri5", atol=1e-5, rtol=1e-5)
         else:
-            # An exact grid of `steps` steps (torchdiffeq's step_size option can add a sliver step
-            # from float rounding, which would make the reported NFE lie).
+            # An exact grid (torchdiffeq's step_size can add a sliver step from rounding: a wrong NFE).
             progress = fixed_time_grid(steps or DEFAULT_STEPS[solver], time_grid or DEFAULT_TIME_GRID[solver])
 
             def fixed_grid(func, y0, t):
