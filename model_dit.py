@@ -2,23 +2,19 @@
 
     v_θ(x, t, cond, direction) : (N, C, H, W) -> (N, C, H, W)
 
-The input is cut into p×p patches, linearly embedded and given a fixed 2D sin-cos position
-embedding. One conditioning vector per sample,
+The input is cut into p×p patches, linearly embedded, plus a fixed 2D sin-cos position embedding.
+One conditioning vector per sample (ConditionEmbedder, shared with model_unet.py):
 
     c = MLP(sinusoid(1000·t)) + E_cond[cond] (+ E_dir[direction] when bidirectional),
 
-where cond is one of num_cond_labels guidance labels (2 for indicator CFG: conditional, null; K + 1 for
-standard class CFG: the K class ids and null). c modulates every block by adaptive LayerNorm: for
-each of the attention and MLP branches the block computes (shift, scale, gate) = Linear(SiLU(c)) and does
+cond one of num_cond_labels guidance labels (2 for indicator CFG: conditional, null; K + 1 for standard
+class CFG). For each of its attention and MLP branches a block computes (shift, scale, gate) =
+Linear(SiLU(c)) and does
 
     h = h + gate · Branch(LayerNorm(h) · (1 + scale) + shift).
 
-"Zero" means the modulation linears and the final projection start at zero, so every block
-is the identity and the model outputs exactly 0 at initialisation. There is no learned
-variance: a flow model predicts only the velocity, so out channels = in channels.
-
-ConditionEmbedder (the c above) is shared with model_unet.py so both architectures see the
-same conditioning.
+"Zero": the modulation linears and the final projection start at zero, so every block is the identity
+and the model outputs exactly 0 at init.
 """
 import math
 
@@ -48,14 +44,12 @@ class ConditionEmbedder(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.cond_embedding = nn.Embedding(num_cond_labels, hidden_size)
-        self.direction_embedding = nn.Embedding(2, hidden_size) if bidirectional else None
-        # PyTorch's default init (as ADM uses); DiT re-initialises these in DiT.initialize_weights.
+        self.direction_embedding = nn.Embedding(2, hidden_size) if bidirectional else None  # init: the model's
 
     def forward(self, t, cond, direction=None):
         assert t.shape == cond.shape and t.ndim == 1, f'expected t and cond of shape (N,), got {t.shape}, {cond.shape}'
-        assert (direction is not None) == self.bidirectional, (
-            'direction must be given if and only if the model is bidirectional')
-        # t in [0, 1] is scaled to the [0, 1000] range the sinusoid frequencies were designed for.
+        assert (direction is not None) == self.bidirectional, 'direction iff the model is bidirectional'
+        # t in [0, 1] scaled to the [0, 1000] range the sinusoid frequencies were designed for
         c = self.time_mlp(timestep_embedding(1000.0 * t, self.frequency_size)) + self.cond_embedding(cond)
         if self.bidirectional:
             c = c + self.direction_embedding(direction)
@@ -64,7 +58,6 @@ class ConditionEmbedder(nn.Module):
 
 def sincos_position_embedding(dim, grid_size):
     """Fixed 2D position embedding (grid_size², dim): half the channels encode the row, half the column."""
-    assert dim % 4 == 0, f'hidden_size must be divisible by 4 for the 2D sin-cos embedding, got {dim}'
     omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
     coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing='ij')
@@ -83,7 +76,6 @@ def modulate(x, shift, scale):
 class Attention(nn.Module):
     def __init__(self, hidden_size, num_heads):
         super().__init__()
-        assert hidden_size % num_heads == 0, f'hidden_size {hidden_size} not divisible by num_heads {num_heads}'
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.proj = nn.Linear(hidden_size, hidden_size)
@@ -100,7 +92,7 @@ class DiTBlock(nn.Module):
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
-        # No affine LayerNorm: scale and shift come from the conditioning instead.
+        # No affine LayerNorm: scale and shift come from the conditioning.
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -142,7 +134,7 @@ class DiT(nn.Module):
         self.bidirectional = bidirectional
 
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
-        # Not persistent: it is a fixed function of the shape, so checkpoints need not carry it.
+        # Not persistent: a fixed function of the shape, which checkpoints need not carry.
         self.register_buffer('pos_embed', sincos_position_embedding(hidden_size, self.grid_size)[None],
                              persistent=False)
         self.condition_embedder = ConditionEmbedder(hidden_size, num_cond_labels, bidirectional)
@@ -155,18 +147,15 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        # The patch embedding is a linear map of the flattened patch: initialise it like one.
+        # The patch embedding is a linear map of the flattened patch; the embedders get DiT's small normals.
         nn.init.xavier_uniform_(self.patch_embed.weight.view(self.patch_embed.weight.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        # DiT's choice for the embedders: small normal weights.
         for module in self.condition_embedder.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
         # adaLN-Zero: every block starts as the identity and the output starts at exactly 0.
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+        final = self.final_layer
+        for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [final.adaLN_modulation[-1], final.linear]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -184,8 +173,8 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
 
-# Constructor kwargs minus input_size, in_channels, num_cond_labels, bidirectional. mnist/cifar/imagenet
-# are the reference settings of the method for those datasets; tiny is for short CPU runs.
+# Constructor kwargs but the data's and the mode's: mnist/cifar/imagenet are the reference settings, tiny
+# is for short CPU runs.
 DIT_PRESETS = {
     'tiny': dict(patch_size=4, hidden_size=192, depth=6, num_heads=3),
     'mnist': dict(patch_size=2, hidden_size=128, depth=8, num_heads=4),

@@ -2,21 +2,19 @@
 
     v_θ(x, t, cond, direction) : (N, C, H, W) -> (N, C, H, W)
 
-Encoder: a stem conv, then per resolution level `num_res_blocks` residual blocks (with
-self-attention where the feature map size is in `attention_resolutions`) and a strided-conv
-downsample. A middle of ResBlock-Attention-ResBlock. Decoder: the mirror image, each block
-taking the matching encoder activation concatenated on channels, upsampling by nearest + conv.
-
-The conditioning vector emb = MLP(sinusoid(1000·t)) + E_cond[cond] (+ E_dir[direction]) is the
-same as the DiT's (ConditionEmbedder from model_dit.py). Each residual block injects it by
-scale-shift normalisation:
+Encoder: a stem conv, then per level `num_res_blocks` residual blocks (with self-attention where the
+feature map size is in `attention_resolutions`) and a strided-conv downsample; a middle of
+ResBlock-Attention-ResBlock; the decoder mirrors it, each block taking the matching encoder activation
+on channels, upsampling by nearest + conv. The DiT's conditioning vector emb (model_dit.ConditionEmbedder)
+enters each residual block by scale-shift normalisation:
 
     (scale, shift) = Linear(SiLU(emb)),   h = GroupNorm(h) · (1 + scale) + shift.
 
-The last conv of each residual block, the output projection of each attention block and the
-output conv start at zero, so each block is the identity and the model outputs 0 at init.
+The last conv of each residual block, each attention output projection and the output conv start at
+zero: every block is the identity and the model outputs 0 at init.
 """
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn as nn
@@ -71,8 +69,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         n, channels, height, width = x.shape
         tokens, head_dim = height * width, channels // self.num_heads
-        # Token-major memory (a no-op under channels_last) so head_dim has stride 1, which the fused
-        # attention kernels need; otherwise SDPA silently falls back to its slow math path.
+        # Token-major memory (a no-op under channels_last): the fused SDPA kernels need head_dim at stride 1.
         qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
         qkv = qkv.reshape(n, tokens, 3, self.num_heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, H·W, head_dim)
@@ -80,22 +77,13 @@ class AttentionBlock(nn.Module):
         return x + self.proj(out.transpose(1, 2).reshape(n, channels, height, width))
 
 
-class Downsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return self.conv(x)
+def downsample(channels):  # Sequentials whose convolution keeps ADM's parameter name 'conv'
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(channels, channels, 3, stride=2, padding=1)))
 
 
-class Upsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
+def upsample(channels):
+    return nn.Sequential(OrderedDict(up=nn.Upsample(scale_factor=2, mode='nearest'),
+                                     conv=nn.Conv2d(channels, channels, 3, padding=1)))
 
 
 class EmbedSequential(nn.Sequential):
@@ -132,7 +120,7 @@ class UNet(nn.Module):
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip_channels.append(channels)
             if level < num_downsamples:
-                self.input_blocks.append(EmbedSequential(Downsample(channels)))
+                self.input_blocks.append(EmbedSequential(downsample(channels)))
                 skip_channels.append(channels)
                 resolution //= 2
 
@@ -150,7 +138,7 @@ class UNet(nn.Module):
                 if resolution in attention_resolutions:
                     layers.append(AttentionBlock(channels, num_heads))
                 if level > 0 and i == num_res_blocks:
-                    layers.append(Upsample(channels))
+                    layers.append(upsample(channels))
                     resolution *= 2
                 self.output_blocks.append(EmbedSequential(*layers))
         assert not skip_channels and resolution == input_size
@@ -173,9 +161,7 @@ class UNet(nn.Module):
 
 _REFERENCE = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
                   dropout=0.1, num_heads=4)
-
-# Constructor kwargs minus input_size, in_channels, num_cond_labels, bidirectional. mnist/cifar/imagenet
-# are the reference settings of the method for those datasets; tiny is for short CPU runs.
+# Constructor kwargs but the data's and the mode's; tiny is for short CPU runs.
 UNET_PRESETS = {
     'tiny': dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                  dropout=0.0, num_heads=4),
