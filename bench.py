@@ -4,15 +4,12 @@
     python bench.py                         # every preset, DiT and UNet, bf16 and fp32, compile off and on
     python bench.py --loss-curves 200 --batch-size 16    # speed changes keep the fixed-seed loss curve?
 
-The timed step is train.py's (train_step, then the EMA update) on synthetic uint8 data held on the
-device, at the preset's batch (halved until it fits); after warm-up, the median over timed windows.
+The timed step is train.py's (train_step, EMA update) on synthetic uint8 data on the device, at the
+preset's batch: the median over timed windows after warm-up. A configuration that fails (out of memory,
+no compiler) is recorded and the rest measured. Peak memory: max_memory_allocated on a GPU, the growth
+of the peak RSS (VmHWM) on a CPU.
 
     MFU = (FLOPs of forward + backward, FlopCounterMode) / (step time) / (this device's measured GEMM FLOP/s)
-
-Peak memory: torch.cuda.max_memory_allocated on a GPU, the growth of the peak RSS (VmHWM) on a CPU.
-The loss curves train the tiny DiT and UNet on MNIST with each speed change (NHWC, torch.compile) and
-without, and from a second seed: a change keeps the curve if it stays nearer the plain eager curve
-than the second seed does.
 """
 import argparse
 import copy
@@ -21,9 +18,9 @@ import gc
 import json
 import math
 import statistics
-import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -91,8 +88,6 @@ def memory_peak(device, baseline):
     return round(peak - baseline, 1)
 
 
-# ---------------------------------------------------------------- training
-
 def build_training(preset, model_name, batch_size, device, bf16, compile, channels_last, dataset=None, seed=0):
     """Everything train.main builds for one step, on `dataset` (uint8 images, labels) or a synthetic
     one of the preset's shape. step() returns the loss, left on the device."""
@@ -143,26 +138,19 @@ def count_step_flops(parts, device, batch_size):
 
 
 def bench_training(config, device, peak_tflops, warmup, windows, window_seconds):
+    baseline = memory_mark(device)
     batch_size = config["batch_size"]
-    while True:
-        baseline = memory_mark(device)
-        try:
-            step, parts = build_training(config["preset"], config["model"], batch_size, device, config["bf16"],
-                                         config["compile"], config["channels_last"])
-            for _ in range(warmup):
-                step()
-            repeats = max(1, min(100, round(window_seconds / median_seconds(step, device, 1, 1))))
-            seconds = median_seconds(step, device, windows, repeats)
-            break
-        except torch.OutOfMemoryError:
-            step = parts = None
-            if batch_size == 1:
-                raise
-            batch_size //= 2
+    step, parts = build_training(config["preset"], config["model"], batch_size, device, config["bf16"],
+                                 config["compile"], config["channels_last"])
+    for _ in range(warmup):
+        step()
+    repeats = max(1, min(100, round(window_seconds / median_seconds(step, device, 1, 1))))
+    seconds = median_seconds(step, device, windows, repeats)
+    peak_mem_mb = memory_peak(device, baseline)
     flops = count_step_flops(parts, device, batch_size)
     peak = peak_tflops["bf16" if config["bf16"] else "fp32"] * 1e12
-    return dict(config, batch_size=batch_size, img_per_s=batch_size / seconds, step_ms=1000 * seconds,
-                peak_mem_mb=memory_peak(device, baseline), gflop_per_step=flops / 1e9, mfu=flops / seconds / peak)
+    return dict(config, img_per_s=batch_size / seconds, step_ms=1000 * seconds, peak_mem_mb=peak_mem_mb,
+                gflop_per_step=flops / 1e9, mfu=flops / seconds / peak)
 
 
 def loss_curves(args, device):
@@ -190,8 +178,6 @@ def loss_curves(args, device):
     return report
 
 
-# ---------------------------------------------------------------- sampling and features
-
 def bench_sampling(checkpoint, preset, device, batch_size, windows):
     """Each solver at its default steps, on a trained EMA model or on the preset's DiT with weights moved
     off their zero init (an adaLN-Zero model outputs exactly 0, which would make dopri5 look free)."""
@@ -208,26 +194,16 @@ def bench_sampling(checkpoint, preset, device, batch_size, windows):
     z = embedder(y, torch.Generator(device).manual_seed(0))
     rows = []
     for solver in SOLVERS:
-        steps = DEFAULT_STEPS.get(solver)
-        nfe = flow.c2i(model, embedder, y, z=z, solver=solver, steps=steps)[1]  # warm-up, and the NFE
-        seconds = median_seconds(lambda: flow.c2i(model, embedder, y, z=z, solver=solver, steps=steps), device,
-                                 windows, 1)
-        rows.append(dict(solver=solver, steps=steps, nfe=nfe, batch_size=batch_size, seconds_per_batch=seconds,
-                         img_per_s=batch_size / seconds))
+        sample = partial(flow.c2i, model, embedder, y, z=z, solver=solver, steps=DEFAULT_STEPS.get(solver))
+        nfe = sample()[1]  # warm-up, and the NFE
+        seconds = median_seconds(sample, device, windows, 1)
+        rows.append(dict(solver=solver, steps=DEFAULT_STEPS.get(solver), nfe=nfe, batch_size=batch_size,
+                         seconds_per_batch=seconds, img_per_s=batch_size / seconds))
     return rows
 
 
-def bench_inception(device, batch_size, windows):
-    # Speed does not depend on the weights: a freshly initialised FID Inception needs no download.
-    model = inception.for_inference(inception.FIDInceptionV3(), device)
-    images = torch.randint(0, 256, (batch_size, 1, 32, 32), dtype=torch.uint8)
-    inception.inception_features(model, images, batch_size)
-    seconds = median_seconds(lambda: inception.inception_features(model, images, batch_size), device, windows, 1)
-    return dict(batch_size=batch_size, img_per_s=batch_size / seconds)
-
-
 def run_benchmarks(args, device):
-    """Matmul peaks, sampling, Inception, then the training configurations (each printed as it ends)."""
+    """Matmul peaks, sampling, Inception, then the training configurations, each printed as it ends."""
     deadline = time.time() + args.time_budget if args.time_budget else math.inf
     cuda = device.type == "cuda"
     size = 8192 if cuda else (512 if args.quick else 1024)
@@ -237,9 +213,21 @@ def run_benchmarks(args, device):
                   matmul_tflops=dict(bf16=matmul_tflops(device, torch.bfloat16, size),
                                      fp32=matmul_tflops(device, torch.float32, size)),
                   training=[], skipped=[], failed=[])
+    print(f"{report['device']} | torch {report['torch']} | {report['threads']} threads | matmul "
+          + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report["matmul_tflops"].items()))
     report["sampling"] = bench_sampling(args.checkpoint, "tiny" if args.quick else "mnist", device,
                                         256 if cuda else 2 if args.quick else 16, windows)
-    report["inception"] = bench_inception(device, 200 if cuda else 2 if args.quick else 8, windows)
+    for row in report["sampling"]:
+        print(f"sampling {row['solver']:8s} steps {row['steps']} NFE {row['nfe']:3d}: "
+              f"{row['seconds_per_batch']:.3f} s per batch of {row['batch_size']}")
+    # Inception's speed does not depend on its weights: a fresh one needs no download.
+    fid_inception = inception.for_inference(inception.FIDInceptionV3(), device)
+    images = torch.randint(0, 256, (200 if cuda else 2 if args.quick else 8, 1, 32, 32), dtype=torch.uint8)
+    features = partial(inception.inception_features, fid_inception, images, len(images))
+    features()
+    seconds = median_seconds(features, device, windows, 1)
+    report["inception"] = dict(batch_size=len(images), img_per_s=len(images) / seconds)
+    print(f"FID Inception features: {report['inception']['img_per_s']:.1f} img/s")
     precision = args.precision or ("auto" if args.quick else "both")
     precisions = dict(auto=(devices.bf16_is_fast(device),), bf16=(True,), fp32=(False,), both=(True, False))[precision]
     warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
@@ -256,7 +244,7 @@ def run_benchmarks(args, device):
             report["training"].append(bench_training(config, device, report["matmul_tflops"], warmup, windows,
                                                      window_seconds))
             print(format_row(report["training"][-1]), flush=True)
-        except Exception as error:  # e.g. no compiler for torch.compile: record it, measure the rest
+        except Exception as error:
             report["failed"].append(dict(config, error=f"{type(error).__name__}: {error}"[:500]))
             print(f"failed: {config}: {type(error).__name__}: {error}"[:300], flush=True)
         write_json(report, args.json)
@@ -300,12 +288,6 @@ def main():
     if args.loss_curves:
         return loss_curves(args, device)
     report = run_benchmarks(args, device)
-    print(f"\n{report['device']} | torch {report['torch']} | {report['threads']} threads | matmul "
-          + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report["matmul_tflops"].items()))
-    for row in report["sampling"]:
-        print(f"sampling {row['solver']:8s} steps {row['steps']} NFE {row['nfe']:3d}: "
-              f"{row['seconds_per_batch']:.3f} s per batch of {row['batch_size']}")
-    print(f"FID Inception features: {report['inception']['img_per_s']:.1f} img/s")
     if report["skipped"]:
         print(f"{len(report['skipped'])} configurations skipped by --time-budget")
     write_json(report, args.json)
@@ -313,8 +295,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    devices.run_main(main)
