@@ -3,16 +3,13 @@
     python train.py --dataset mnist --mode bidi --preset tiny --out runs/demo      # one process
     torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi               # DDP, 8 GPUs
 
-Defaults are the reference settings (AdamW lr 1e-4, batch 256, EMA 0.9999, cfg-dropout 0.1, lambda_b 0.5,
-a DiT preset per dataset); `--preset tiny` learns MNIST in minutes on a CPU. One step:
-
-    x_image, y  <- a batch of the preloaded uint8 dataset (flipped on the device for CIFAR/ImageNet)
-    loss        <- flow.loss(model, x_image, y, embedder)        (the math: flow.py)
-    AdamW step on model (+ learned class latents), EMA update; every N steps log, save, sample, evaluate.
-
---out holds last.pt (+ kept snapshots), log.jsonl and PNG grids. SIGTERM saves and exits at the next step
-on every rank, a non-finite loss or weight stops the run before anything poisoned is written, and
---resume continues bit for bit (checkpoint.py).
+Defaults are the reference settings (TRAIN_PRESETS, REFERENCE); `--preset tiny` learns MNIST in minutes
+on a CPU. One step: a batch of the preloaded uint8 dataset (flipped on the device for CIFAR/ImageNet),
+loss = flow.loss(model, x_image, y, embedder) (the math: flow.py), an AdamW step on the model (+ learned
+class latents), the EMA update; every N steps log, save, sample, evaluate. --out holds last.pt (+ kept
+snapshots), log.jsonl and PNG grids. SIGTERM saves and exits at the next step on every rank, a
+non-finite loss or weight stops the run before anything poisoned is written, and --resume continues bit
+for bit (checkpoint.py).
 """
 import argparse
 import json
@@ -190,15 +187,14 @@ class Progress:
 
     def __init__(self, args, step, device):
         self.args, self.saved_step = args, step
-        self.sums = torch.zeros(2, T_BUCKETS, device=device)
-        self.counts = torch.zeros(2, T_BUCKETS, device=device)
+        self.sums_counts = torch.zeros(2, 2, T_BUCKETS, device=device)  # (sum | count, direction, t bucket)
         self.first_bad_step = torch.tensor(-1, device=device)
         self.time, self.step = time.time(), step
 
     def add(self, step, total, per_sample, batch):
         cell = batch["direction"] * T_BUCKETS + (batch["t"] * T_BUCKETS).long().clamp(max=T_BUCKETS - 1)
-        self.sums.view(-1).index_add_(0, cell, per_sample.detach().float())
-        self.counts.view(-1).index_add_(0, cell, torch.ones_like(per_sample, dtype=torch.float))
+        per_sample = per_sample.detach().float()
+        self.sums_counts.view(2, -1).index_add_(1, cell, torch.stack([per_sample, torch.ones_like(per_sample)]))
         self.mark_bad(step, torch.isfinite(total.detach()))
 
     def mark_bad(self, step, finite):  # keeps the first step at which `finite` was False
@@ -218,18 +214,16 @@ class Progress:
 
     def record(self, step):
         """The log record since the last one (every rank's losses), and a progress line."""
-        devices.all_reduce(self.sums)
-        devices.all_reduce(self.counts)
+        sums, counts = devices.all_reduce(self.sums_counts).tolist()
+        self.sums_counts.zero_()
         now, args = time.time(), self.args
         img_per_s = (step - self.step) * args.batch_size / (now - self.time)
-        record = dict(step=step, loss=(self.sums.sum() / self.counts.sum()).item(), lr=lr_at(step - 1, args),
+        record = dict(step=step, loss=sum(map(sum, sums)) / sum(map(sum, counts)), lr=lr_at(step - 1, args),
                       img_per_s=img_per_s)
-        for name, sums, counts in zip(("c2i", "i2c"), self.sums.tolist(), self.counts.tolist()):
-            if sum(counts):
-                record[f"loss_{name}"] = sum(sums) / sum(counts)
-                record[f"loss_{name}_by_t"] = [s / n if n else None for s, n in zip(sums, counts)]
-        self.sums.zero_()
-        self.counts.zero_()
+        for name, by_t, n_by_t in zip(("c2i", "i2c"), sums, counts):
+            if sum(n_by_t):
+                record[f"loss_{name}"] = sum(by_t) / sum(n_by_t)
+                record[f"loss_{name}_by_t"] = [s / n if n else None for s, n in zip(by_t, n_by_t)]
         self.time, self.step = now, step
         eta = (args.max_steps - step) * args.batch_size / max(img_per_s, 1e-9)
         parts = " ".join(f"{k[5:]} {record[k]:.4f}" for k in ("loss_c2i", "loss_i2c") if k in record)
