@@ -11,8 +11,7 @@ torch.load(weights_only=True) and a stranger's file cannot run code on your mach
     rng         per rank: python, numpy, torch CPU and CUDA states and the flow's generator (rng_state)
     data_state  the sampler's {'epoch', 'offset'} (data.Batches): the next batch is an uninterrupted run's
 
---resume goes through resume_run: the command must describe the saved run (only RESUME_MAY_CHANGE may
-differ), and log.jsonl is cut back to the checkpoint's step.
+--resume goes through resume_run, which checks that the command describes the saved run.
 """
 import glob
 import json
@@ -33,8 +32,8 @@ from model_dit import DiT
 from model_unet import UNet
 
 CHECKPOINT_FORMAT = "xfm-checkpoint-v1"
-# The train.py flags a resumed run may change (--max-steps: to train a finished run for longer); the
-# others must match the checkpoint's, or the result would not be a continuation of the same run.
+# The train.py flags a resumed run may change (--max-steps: to train a finished run longer); any other
+# difference would make it another run.
 RESUME_MAY_CHANGE = ("data_dir", "device", "bf16", "compile", "out", "resume", "max_steps", "log_every", "ckpt_every",
                      "keep_every", "sample_every", "sample_steps", "sample_solver", "eval_every", "num_samples")
 MODELS = ("dit", "unet")
@@ -73,9 +72,8 @@ def atomic_write(path, write, mode="wb"):
 def cache_dir():
     """The cache of the FID Inception, the C2I classifier and reference features: $XFM_CACHE, else
     $XDG_CACHE_HOME/xfm, else ~/.cache/xfm."""
-    if os.environ.get("XFM_CACHE"):
-        return Path(os.environ["XFM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xfm"
+    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xfm"
+    return Path(os.environ.get("XFM_CACHE") or default)
 
 
 def save_checkpoint(state, path):
@@ -101,16 +99,6 @@ def set_rng_state(state, generator):
     generator.set_state(state["generator"])
 
 
-def check_same_run(saved_args, args, may_change=RESUME_MAY_CHANGE):
-    """A resumed run must continue the saved one: every flag but those in `may_change` must match."""
-    plain = lambda v: tuple(v) if isinstance(v, list) else v  # --betas given on the command line is a list
-    differ = [f"--{k.replace('_', '-')} ({saved_args[k]!r} in the checkpoint, {args[k]!r} now)" for k in saved_args
-              if k in args and k not in may_change and plain(saved_args[k]) != plain(args[k])]
-    if differ:
-        raise CheckpointError(f"--resume: this command differs from the run being resumed in {', '.join(differ)}; "
-                              "repeat the original flags (only --max-steps and output/device flags may change)")
-
-
 def check_out_dir(out, resume):
     """The run directory of train.py, checked before any work: fail now, not at the first save an hour later."""
     try:
@@ -130,10 +118,15 @@ def check_out_dir(out, resume):
 
 
 def resume_run(out, args, map_location="cpu"):
-    """out/last.pt, checked to continue the run `args` describes. out/log.jsonl is cut back to its step:
-    a killed run may have logged steps after its last save, which the resumed run redoes."""
+    """out/last.pt, checked to continue the run `args` describes (every flag but RESUME_MAY_CHANGE matches).
+    out/log.jsonl is cut back to its step: a killed run may have logged steps the resumed run redoes."""
     ckpt = load_checkpoint(os.path.join(out, "last.pt"), map_location)
-    check_same_run(ckpt["args"], args)
+    plain = lambda v: tuple(v) if isinstance(v, list) else v  # --betas given on the command line is a list
+    differ = [f"--{k.replace('_', '-')} ({ckpt['args'][k]!r} in the checkpoint, {args[k]!r} now)" for k in ckpt["args"]
+              if k in args and k not in RESUME_MAY_CHANGE and plain(ckpt["args"][k]) != plain(args[k])]
+    if differ:
+        raise CheckpointError(f"--resume: this command differs from the run being resumed in {', '.join(differ)}; "
+                              "repeat the original flags (only --max-steps and output/device flags may change)")
     log_path = os.path.join(out, "log.jsonl")
     if os.path.exists(log_path):
         with open(log_path) as f:  # a line without its newline is a write cut short by the kill

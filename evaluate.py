@@ -3,13 +3,11 @@
     python evaluate.py runs/demo/last.pt [more.pt ...]          # the default sampler, --cfg-scales 1 1.5 2
     python evaluate.py runs/demo/last.pt --num-samples 1000 --cfg-scales 1 --solvers euler midpoint rk4 \
         --steps 2 4 8 --time-grids uniform ends --plot fid_vs_nfe.png      # FID against NFE
-Each checkpoint gets a table on stdout and CKPT.eval.json. Every setting starts from the same class latents
-and test images, so settings differ only by their integration error; with guidance each NFE runs a
-doubled batch, so the table also gives network passes per image.
+A table on stdout and CKPT.eval.json per checkpoint. Every setting starts from the same class latents and
+test images, so settings differ only by their integration error.
 
-Features phi(x) in R^2048 come from the FID InceptionV3 (inception.py), for real and generated images
-alike, both quantised to 8 bits as a PNG holds them. With mu, Sigma the mean and (N - 1)-normalised
-covariance of each set's features,
+Features phi(x) in R^2048: the FID InceptionV3 (inception.py) of 8-bit images, real and generated alike.
+With mu, Sigma the mean and (N - 1)-normalised covariance of each set's features,
     FID = |mu_r - mu_g|^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2)).
 Precision / recall (Kynkaanniemi et al. 2019): each feature gets a ball of radius the distance to its
 k-th nearest neighbour in its own set (itself excluded); then
@@ -39,8 +37,6 @@ from checkpoint import atomic_write, build_from_checkpoint, cache_dir, load_chec
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_TIME_GRID, READOUT, SOLVERS, TIME_GRIDS, network_passes
 
-
-# ---------------------------------------------------------------- FID
 
 def feature_stats(features):
     """features (N, D) -> (mu (D,), sigma (D, D)) float64 numpy, covariance normalised by N - 1."""
@@ -85,8 +81,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(all_but_cross_term - 2 * np.trace(covmean))
 
 
-# ---------------------------------------------------------------- precision / recall
-
 def _kth_neighbour_radii(features, k, block_size):
     radii = torch.empty(len(features), dtype=features.dtype)
     for start in range(0, len(features), block_size):
@@ -107,19 +101,14 @@ def _fraction_inside_balls(queries, centres, radii, block_size):
 
 def precision_recall(real_features, fake_features, k=3, block_size=1024):
     """(precision, recall) with k-NN balls; memory is O(block_size * N), so 50k x 50k fits in ~1 GB."""
-    real = torch.as_tensor(np.asarray(real_features))
-    fake = torch.as_tensor(np.asarray(fake_features))
-    real, fake = (f.float() if f.dtype != torch.float64 else f for f in (real, fake))
+    real, fake = (torch.as_tensor(np.asarray(f)) for f in (real_features, fake_features))
+    real, fake = (f if f.dtype == torch.float64 else f.float() for f in (real, fake))
     if min(len(real), len(fake)) <= k:
         raise ValueError(f'precision/recall with k={k} needs more than k points in each set')
-    real_radii = _kth_neighbour_radii(real, k, block_size)
-    fake_radii = _kth_neighbour_radii(fake, k, block_size)
-    precision = _fraction_inside_balls(fake, real, real_radii, block_size)
-    recall = _fraction_inside_balls(real, fake, fake_radii, block_size)
+    precision = _fraction_inside_balls(fake, real, _kth_neighbour_radii(real, k, block_size), block_size)
+    recall = _fraction_inside_balls(real, fake, _kth_neighbour_radii(fake, k, block_size), block_size)
     return precision, recall
 
-
-# ---------------------------------------------------------------- evaluating a model
 
 def quantise(images):
     """What a saved PNG holds: 8-bit levels, back in [-1, 1]. Both judges see generated images so."""
@@ -206,13 +195,11 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
         x_real = data.to_unit_range(test_images[reference['indices']])
         labels = test_labels[reference['indices']]
         for prefix, decoder in (('i2c', kw), ('readout', dict(kw, **READOUT))):  # the ODE, then one call at t = 0
-            pred_l2, pred_cos = [], []
+            predictions = []  # (2, chunk): nearest mean by L2 and by cosine
             for chunk in x_real.split(batch_size):
                 x_class, nfe_i2c = flow.i2c(model, embedder, chunk.to(device), **decoder)
-                l2, cos = embedder.decode(x_class)
-                pred_l2.append(l2.cpu())
-                pred_cos.append(cos.cpu())
-            scores = i2c_accuracy(torch.cat(pred_l2), torch.cat(pred_cos), labels, num_classes)
+                predictions.append(torch.stack(embedder.decode(x_class)).cpu())
+            scores = i2c_accuracy(*torch.cat(predictions, dim=1), labels, num_classes)
             result.update({key.replace('i2c', prefix, 1): value for key, value in scores.items()})
             result[f'nfe_{prefix}'] = nfe_i2c
         result['seconds_i2c'] = time.time() - start
@@ -221,8 +208,8 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
 
 
 def sampler_settings(solvers, steps=None, time_grids=None):
-    """(solver, steps, time_grid) for every combination, in order and each once; None (or an empty list)
-    takes the solver's own default (flow.DEFAULT_STEPS, DEFAULT_TIME_GRID). dopri5 chooses its steps: once."""
+    """(solver, steps, time_grid) for every combination, in order, each once; None takes the solver's default.
+    dopri5 chooses its own steps: once."""
     settings = [('dopri5', None, None) if solver == 'dopri5' else
                 (solver, n or DEFAULT_STEPS[solver], grid or DEFAULT_TIME_GRID[solver])
                 for solver in solvers for grid in time_grids or [None] for n in steps or [None]]
@@ -248,20 +235,17 @@ def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
         draw.text((8, xy(1, fid)[1] - 6), f'{fid:g}', fill='black')
     draw.text((width // 2 - 120, height - 22), 'network passes per image (log)     y: FID (log)', fill='black')
     colours = dict(euler='#1f77b4', midpoint='#d62728', rk4='#2ca02c', dopri5='#9467bd')
-    series = {}
-    for r in points:
-        series.setdefault((r['solver'], r['time_grid'], r['cfg_scale']), []).append(r)
-    for i, ((solver, grid, cfg), rows) in enumerate(sorted(series.items(), key=str)):
-        xys = sorted(xy(r['network_passes_c2i'], r['fid']) for r in rows)
+    series = sorted({(r['solver'], r['time_grid'] or '', r['cfg_scale']) for r in points})
+    for i, (solver, grid, cfg) in enumerate(series):
+        xys = sorted(xy(r['network_passes_c2i'], r['fid']) for r in points
+                     if (r['solver'], r['time_grid'] or '', r['cfg_scale']) == (solver, grid, cfg))
         if len(xys) > 1:
             draw.line(xys, fill=colours[solver], width=2)
         for x, y in xys:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[solver])
-        draw.text((right + 10, margin // 3 + 14 * i), f'{solver} {grid or ""} cfg {cfg:g}', fill=colours[solver])
+        draw.text((right + 10, margin // 3 + 14 * i), f'{solver} {grid} cfg {cfg:g}', fill=colours[solver])
     image.save(path)
 
-
-# ---------------------------------------------------------------- the script
 
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # a bad flag is a user error like any other: one line, exit 2

@@ -7,11 +7,10 @@
     python sample.py runs/demo/last.pt --trajectory       # z_t along the ODE, both ways: PNG + GIF
     torchrun --nproc_per_node 4 sample.py runs/demo/last.pt --num-per-class 64   # sharded, same images
 
-C2I integrates from a class latent x_class = m_c + std_scale * eps to an image; I2C from a real image to
-a class latent, read off as the nearest class mean (L2 and cosine). A model trained one way runs the
-other by integrating t from 1 back to 0 (flow.py). EMA weights. Every process draws the noise of all
-samples from --seed and integrates its share, so the images do not depend on the number of processes;
-interpolation and arithmetic strips use the noise of the plain C2I samples of the same seed.
+C2I integrates from a class latent x_class = m_c + std_scale * eps to an image, I2C from a test image to a
+class latent read off as the nearest class mean (EMA weights). Every process draws all the noise from
+--seed and integrates its share, so the images do not depend on the number of processes; interpolation
+and arithmetic strips use the noise of the plain C2I samples of the same seed.
 """
 import argparse
 import os
@@ -72,8 +71,6 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
     return i2c_accuracy(*embedder.decode(latents), labels, args["num_classes"]), latents, labels
 
 
-# ---------------------------------------------------------------- latent interpolation and arithmetic
-
 def parse_class(text, class_names, num_classes):
     """A class given by id ('7') or by name ('seven', case-insensitive) -> its id."""
     text = text.strip()
@@ -122,10 +119,8 @@ def mixed_latents(embedder, classes, weights, eps):
     if embedder.kind == "noise":
         raise ValueError("a 'noise' source has no class latents to interpolate or combine")
     means = embedder.means.detach()[classes]
-    if embedder.kind == "learned":
-        stds = torch.exp(0.5 * embedder.logvar.detach()[classes])
-    else:
-        stds = torch.full_like(means, embedder.std_scale)
+    stds = (torch.exp(0.5 * embedder.logvar.detach()[classes]) if embedder.kind == "learned"
+            else torch.full_like(means, embedder.std_scale))
     weights = weights.to(means)
     mean = torch.einsum("fk,kchw->fchw", weights, means)
     sigma = torch.einsum("fk,kchw->fchw", weights.abs(), stds) / weights.abs().sum(1).view(-1, 1, 1, 1)
@@ -164,8 +159,6 @@ def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", s
     return run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
 
 
-# ---------------------------------------------------------------- trajectories
-
 @torch.no_grad()
 def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, device="cpu", data_dir=None,
                  sharded=False, **kw):
@@ -176,12 +169,9 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
     y = torch.tensor(classes, device=device)
     z = embedder(y, torch.Generator(device).manual_seed(seed))
 
-    def along(integrate):  # integrate -> (states (T, n, ...), nfe); rows must come first to shard
-        def fn(*rows):
-            states, nfe = integrate(*rows)
-            return states.transpose(0, 1), nfe
-        return fn
-    c2i, nfe = run_sharded(along(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, times=times, **kw)),
+    def rows_first(states_and_nfe):  # (T, n, ...) -> (n, T, ...): run_sharded splits the rows
+        return states_and_nfe[0].transpose(0, 1), states_and_nfe[1]
+    c2i, nfe = run_sharded(lambda zz, yy: rows_first(flow.c2i(model, embedder, yy, z=zz, times=times, **kw)),
                            z, y, sharded=sharded)
     if embedder.kind == "noise":
         return c2i, None, nfe
@@ -189,7 +179,7 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
                                                  args["image_size"])
     first = torch.stack([torch.nonzero(test_labels == c)[0, 0] for c in classes])
     x_image = data.to_unit_range(test_images[first]).to(device)
-    i2c, nfe_i2c = run_sharded(along(lambda xx: flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
+    i2c, nfe_i2c = run_sharded(lambda xx: rows_first(flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
                                sharded=sharded)
     return c2i, i2c, max(nfe, nfe_i2c)
 
@@ -202,8 +192,7 @@ def save_trajectory(c2i, i2c, png_path, gif_path, frame_ms=150):
     frames = []
     for k in range(rows.shape[1]):
         grid = make_grid(to_pixels(rows[:, k]), nrow=len(c2i), padding=1)
-        pixels = (grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        image = Image.fromarray(pixels)
+        image = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy())
         frames.append(image.resize((2 * image.width, 2 * image.height), Image.NEAREST))  # 32 px is tiny
     durations = [frame_ms] * (len(frames) - 1) + [6 * frame_ms]  # rest on the end point before looping
     frames[0].save(gif_path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
@@ -240,10 +229,8 @@ def main():
     if args.num_frames < 2:
         p.error("--num-frames must be at least 2 (the two end points)")
     _, _, device = devices.setup(args.device)
-    try:
-        run(args, device, p)
-    finally:
-        devices.shutdown()
+    run(args, device, p)
+    devices.shutdown()  # run_main does it on an error
 
 
 def run(args, device, parser):
