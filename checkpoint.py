@@ -139,8 +139,7 @@ def export_ema(ckpt, path, dtype=torch.float16):
     """Args, step and the EMA weights alone, in `dtype` (the tiny UNet: 2.4 MB in fp16 instead of 19 MB): it
     loads like any checkpoint in sample.py and evaluate.py, but cannot resume training."""
     ema = {k: v.to(dtype) if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
-    save_checkpoint(dict(format=CHECKPOINT_FORMAT, args=ckpt["args"], step=ckpt["step"], ema=ema,
-                         ema_embedder=ckpt["ema_embedder"]), path)
+    save_checkpoint(dict(args=ckpt["args"], step=ckpt["step"], ema=ema, ema_embedder=ckpt["ema_embedder"]), path)
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -238,16 +238,17 @@ def run(args, device, parser):
     if args.export:
         export_ema(ckpt, args.export)
         return print(f"wrote {args.export} (EMA weights of step {ckpt['step']} in fp16)")
-    model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
+    train_args = ckpt["args"]  # user mistakes are found from the args alone, before any model is built
     num_classes, class_names = train_args["num_classes"], data.CLASS_NAMES[train_args["dataset"]]
     bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
     if bad:
         parser.error(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
     what = ("interpolate" if args.interpolate else "arithmetic" if args.arithmetic else
             "trajectory" if args.trajectory else args.direction)
-    if what == "i2c" and train_args["embedding"] == "noise":  # say so now, before loading the test set
+    if what == "i2c" and train_args["embedding"] == "noise":
         raise ValueError(f"{args.checkpoint} is a noise-source model (--embedding noise): it has no image -> class "
                          "direction; use --direction c2i")
+    model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
     out = args.out or f"{os.path.splitext(args.checkpoint)[0]}_{what}.png"
     stem = os.path.splitext(out)[0]
     sharded, main_process = devices.world_size() > 1, is_main_process()
