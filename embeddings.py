@@ -18,6 +18,10 @@ variational text encoder. Kinds of m_c:
     learned     CrossFlow's variational encoder for classes: trainable mu_c and log sigma_c^2 per pixel
                 (mu_c starts at the rectangle pattern), x_class = mu_c + sigma_c * eps, and the KL term
                 0.5 mean(mu^2 + sigma^2 - 1 - log sigma^2) keeps them from drifting apart without bound.
+                Nothing in the flow's loss keeps them apart, though: the image->class half is easiest when
+                every class has one mean, and the KL pulls all means to 0. A hinge keeps each pair at
+                least as far apart as the closest pair started (d_ab = ||mu_a - mu_b|| / sqrt(C*H*W)):
+                    L_sep = mean_{a<b} max(0, d_min(init) - d_ab)^2.
     noise       m_c = 0, std 1: plain Gaussian noise, the noise->image baseline of standard CFG.
 
 Decoding a latent z back to a class (the I2C prediction): nearest mean by L2,
@@ -141,6 +145,8 @@ class ClassEmbedder(nn.Module):
             self.means = nn.Parameter(means.float().clone())
             logvar = math.log(max(std_scale, 1e-3) ** 2)
             self.logvar = nn.Parameter(torch.full_like(self.means, logvar))
+            distances = self.distances()
+            self.min_distance = distances.min().item() if len(distances) else 0.0  # the closest pair at init
         else:
             self.register_buffer("means", means.float())
 
@@ -163,6 +169,25 @@ class ClassEmbedder(nn.Module):
         if self.kind != "learned":
             return self.means.new_zeros(())
         return 0.5 * (self.means**2 + self.logvar.exp() - 1 - self.logvar).mean()
+
+    def distances(self):
+        """d_ab = ||m_a - m_b|| / sqrt(C*H*W) for the pairs a < b: the RMS pixel distance of the means."""
+        flat = self.means.flatten(1)
+        pairs = torch.triu_indices(len(flat), len(flat), offset=1, device=flat.device)
+        return (flat[pairs[0]] - flat[pairs[1]]).pow(2).mean(dim=1).sqrt()
+
+    def separation_loss(self):  # L_sep of the module docstring; 0 for fixed means
+        if self.kind != "learned":
+            return self.means.new_zeros(())
+        return F.relu(self.min_distance - self.distances()).pow(2).mean()
+
+    @torch.no_grad()
+    def spread(self):
+        """The closest and the mean pair distance, and the mean std of the latents: for the training log."""
+        distances = self.distances()
+        std = torch.exp(0.5 * self.logvar).mean() if self.kind == "learned" else torch.tensor(self.std_scale)
+        return dict(means_min_distance=distances.min().item(), means_mean_distance=distances.mean().item(),
+                    latent_std=std.item())
 
     @torch.no_grad()
     def decode(self, z):

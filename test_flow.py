@@ -647,6 +647,30 @@ def test_learned_kl_matches_the_hand_computed_gaussian_kl():
     assert build_embedder("rectangle", 10, (1, 32, 32)).kl_loss().item() == 0
 
 
+def test_separation_hinge_is_zero_apart_and_squares_the_shortfall_of_each_close_pair():
+    means = torch.tensor([0.0, 2.0, 5.0]).view(3, 1, 1, 1)  # pair distances 2, 5, 3: the closest is 2
+    embedder = ClassEmbedder(means, kind="learned")
+    assert embedder.min_distance == pytest.approx(2.0) and embedder.separation_loss().item() == 0
+    with torch.no_grad():
+        embedder.means.copy_(torch.tensor([0.0, 1.5, 2.0]).view(3, 1, 1, 1))  # distances 1.5, 2, 0.5
+    assert embedder.separation_loss().item() == pytest.approx((0.5**2 + 0 + 1.5**2) / 3)
+    assert build_embedder("text", 10, (1, 32, 32), dataset="mnist").separation_loss().item() == 0
+
+
+@pytest.mark.parametrize("sep_weight", [0.0, 100.0])
+def test_learned_means_pulled_together_stay_apart_only_with_the_hinge(sep_weight):
+    # The pull the flow's image->class half exerts, made explicit: reward every pair for coming closer.
+    embedder = build_embedder("learned", 10, (1, 8, 8), std_scale=0.5)
+    optimizer = torch.optim.Adam(embedder.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = embedder.distances().pow(2).mean() + sep_weight * embedder.separation_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    closest = embedder.spread()["means_min_distance"] / embedder.min_distance
+    assert closest > 0.9 if sep_weight else closest < 0.2
+
+
 # ============================== velocity models (model_dit.py, model_unet.py)
 
 NUM_CLASSES = 3

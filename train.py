@@ -72,6 +72,7 @@ def get_args(argv=None):
     p.add_argument("--low-res", type=int, default=6, help="smoothrand noise resolution")
     p.add_argument("--embedding-seed", type=int, default=0)
     p.add_argument("--kl-weight", type=float, default=1e-3, help="KL weight of the 'learned' latents")
+    p.add_argument("--sep-weight", type=float, default=100.0, help="weight of the 'learned' means' separation hinge")
     # the flow
     p.add_argument("--lambda-b", type=float, default=0.5)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
@@ -171,7 +172,7 @@ def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, gener
         x_image = data.random_hflip(x_image, generator)
     with autocast:
         loss, per_sample, batch = flow.loss(train_model, x_image, y, embedder, generator)
-        total = loss + args.kl_weight * embedder.kl_loss()
+        total = loss + args.kl_weight * embedder.kl_loss() + args.sep_weight * embedder.separation_loss()
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     for p in embedder.parameters():  # learned class latents live outside DDP: average their gradients here
