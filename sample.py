@@ -272,15 +272,11 @@ def run(args, device, parser):
         class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
         images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_frames, args.num_rows, args.seed,
                                   device, sharded, **kw)
-        if main_process:
-            save_image(to_pixels(images), out, nrow=args.num_frames, padding=1)
         saved = dict(images=images, classes=torch.tensor([class_a, class_b]))
         message = f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_frames} frames, {cost(nfe)} each)"
     elif what == "arithmetic":
         terms = parse_class_expression(args.arithmetic, class_names, num_classes)
         images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, device, sharded, **kw)
-        if main_process:
-            save_image(to_pixels(images), out, nrow=len(terms) + 1, padding=1)
         saved = dict(images=images, classes=torch.tensor([c for _, c in terms]),
                      signs=torch.tensor([s for s, _ in terms]))
         formula = " ".join(f"{'+' if s > 0 else '-'} m_{c}" for s, c in terms).lstrip("+ ")
@@ -289,8 +285,6 @@ def run(args, device, parser):
         classes = args.classes or list(range(min(num_classes, 10)))
         c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_frames, args.seed, device,
                                      args.data_dir, sharded, **kw)
-        if main_process:
-            save_trajectory(c2i, i2c, out, stem + ".gif")
         saved = dict(c2i=c2i, classes=torch.tensor(classes), **({} if i2c is None else dict(i2c=i2c)))
         message = (f"wrote {out} and {stem}.gif ({len(classes)} trajectories per direction, {args.num_frames} "
                    f"frames, {cost(nfe)})")
@@ -310,6 +304,10 @@ def run(args, device, parser):
         message = (f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
                    f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs)")
     if main_process:
+        if what in ("interpolate", "arithmetic"):  # a strip per noise draw
+            save_image(to_pixels(images), out, nrow=len(images) // args.num_rows, padding=1)
+        elif what == "trajectory":
+            save_trajectory(c2i, i2c, out, stem + ".gif")
         print(message)
         if tensors_path:
             torch.save({k: v.cpu() for k, v in saved.items()}, tensors_path)
