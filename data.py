@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.utils.data import DistributedSampler
@@ -84,15 +83,14 @@ def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_c
     """Returns (images uint8 (N, C, H, W), labels int64 (N,)) on the CPU."""
     _check(name, image_size)
     data_dir = Path(data_dir)
-    if name in ('mnist', 'fashion'):
-        images, labels = _load_idx_dataset(name, split, data_dir, download)
-    elif name == 'cifar':
+    if name == 'cifar':
         images, labels = _load_cifar(split, data_dir, download)
-    else:
+    elif name == 'imagenet100':
         images, labels = _load_imagenet100(split, data_dir, image_size, test_per_class)
+    else:  # (N, 28, 28) -> (N, 1, 32, 32), background 0 around the digit
+        images, labels = _load_idx_dataset(name, split, data_dir, download)
+        images = np.pad(images[:, None], ((0, 0), (0, 0), (2, 2), (2, 2)))
     images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
-    if name in ('mnist', 'fashion'):  # (N, 28, 28) -> (N, 1, 32, 32), background 0 around the digit
-        images = F.pad(images.unsqueeze(1), (2, 2, 2, 2), value=0)
     assert images.dtype == torch.uint8 and images.shape[1:] == dataset_shape(name, image_size)
     assert len(images) == len(labels) and int(labels.min()) >= 0 and int(labels.max()) < num_classes(name)
     return images, labels
@@ -195,7 +193,6 @@ def _load_cifar(split, data_dir, download):
 
 def imagenet100_wnids(all_wnids):
     """The 100 evenly spaced classes of the 1000 sorted ImageNet-1k WordNet ids."""
-    assert len(all_wnids) == 1000
     return [sorted(all_wnids)[i] for i in np.floor(np.linspace(0, 999, 100)).astype(int)]
 
 
@@ -233,22 +230,20 @@ def _build_imagenet100(data_dir, image_size, test_per_class):
         raise ValueError(f'{train_dir} holds {len(all_wnids)} WordNet-id folders; expected all 1000 ImageNet-1k '
                          'classes (the 100 are chosen by their position among the 1000)')
     wnids = imagenet100_wnids(all_wnids)
-    splits = {'train': ([], []), 'test': ([], [])}
+    lists = {f'{split}_{kind}': [] for split in ('train', 'test') for kind in ('images', 'labels')}
     for label, wnid in enumerate(wnids):
         files = sorted(p for p in (train_dir / wnid).iterdir() if p.suffix.lower() in ('.jpeg', '.jpg', '.png'))
         if len(files) <= test_per_class:
             raise ValueError(f'{train_dir / wnid} has {len(files)} images, need more than {test_per_class} '
                              '(the held-out test images per class)')
         for i, path in enumerate(files):
+            split = 'test' if i < test_per_class else 'train'
             try:
-                pixels = _resize_center_crop(path, image_size)
+                lists[f'{split}_images'].append(_resize_center_crop(path, image_size))
             except OSError as error:
                 raise ValueError(f'cannot read image {path}: {error}') from None
-            images, labels = splits['test' if i < test_per_class else 'train']
-            images.append(pixels)
-            labels.append(label)
-    arrays = {f'{split}_{kind}': np.stack(images) if kind == 'images' else np.asarray(labels, np.int64)
-              for split, (images, labels) in splits.items() for kind in ('images', 'labels')}
+            lists[f'{split}_labels'].append(label)
+    arrays = {key: np.stack(v) if key.endswith('images') else np.asarray(v, np.int64) for key, v in lists.items()}
     arrays.update(wnids=np.asarray(wnids), class_names=np.asarray(_synset_names(data_dir, wnids)),
                   test_per_class=np.asarray(test_per_class))
     return arrays
@@ -278,11 +273,10 @@ class Batches:
     """
 
     def __init__(self, images, labels, local_batch, rank=0, world_size=1, seed=0, device='cpu'):
-        assert len(images) == len(labels) and 0 <= rank < world_size
+        assert len(images) == len(labels)
         self.images, self.labels = images.to(device), labels.to(device)
         self.local_batch, self.device = local_batch, torch.device(device)
-        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank,
-                                          shuffle=True, seed=seed, drop_last=False)
+        self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, seed=seed)
         self.batches_per_epoch = len(self.sampler) // local_batch
         if self.batches_per_epoch == 0:
             raise ValueError(f'local batch {local_batch} is larger than this rank\'s share of the dataset '

@@ -7,6 +7,7 @@ error ends a script with one line and exit code 2 (run_main).
 """
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -118,11 +119,8 @@ def bf16_is_fast(device):
     PyTorch emulates it, and a training step is about 10x slower than fp32."""
     if device.type == "cuda":
         return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

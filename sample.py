@@ -15,6 +15,7 @@ and arithmetic strips use the noise of the plain C2I samples of the same seed.
 import argparse
 import os
 import re
+from functools import partial
 
 import torch
 from PIL import Image
@@ -33,36 +34,39 @@ def to_pixels(x):
     return (x.float().clamp(-1, 1) + 1) / 2
 
 
+def load_test_set(args, data_dir=None):
+    """The test split of a run's dataset (args: its train.py flags), from data_dir or the run's own."""
+    return data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"], args["image_size"])
+
+
 @torch.no_grad()
-def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8,
-                  steps=None, solver=DEFAULT_SOLVER, cfg_scale=1.0, seed=0, sharded=False, time_grid=None):
+def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8, seed=0,
+                  sharded=False, **kw):
     """Generate num_per_class images for each class; one row per class. Returns (images, labels, nfe).
-    With sharded=True (under torchrun) the processes split the work; only rank 0 writes."""
+    kw: the sampler (solver, steps, time_grid, cfg_scale of flow.integrate). With sharded=True (under
+    torchrun) the processes split the work; only rank 0 writes."""
     classes = list(range(args["num_classes"])) if classes is None else classes
     y = torch.tensor(classes, device=device).repeat_interleave(num_per_class)
     z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
-    images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, steps=steps, solver=solver,
-                                                      cfg_scale=cfg_scale, time_grid=time_grid), z, y, sharded=sharded)
+    images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
     if is_main_process():
         save_image(to_pixels(images), path, nrow=num_per_class, padding=1)
     return images, y, nfe
 
 
 @torch.no_grad()
-def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, steps=None, solver=DEFAULT_SOLVER,
-                  cfg_scale=1.0, num_samples=None, data_dir=None, sharded=False, time_grid=None):
+def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, num_samples=None, data_dir=None,
+                  sharded=False, **kw):
     """I2C on real test images: a row per class of (image, class latent) pairs. Returns (i2c_accuracy's
     dict, latents, labels) over the first num_samples test images (default: the grid's images)."""
-    test_images, test_labels = data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"],
-                                                 args["image_size"])
+    test_images, test_labels = load_test_set(args, data_dir)
     grid = torch.cat([torch.nonzero(test_labels == c)[:num_per_class, 0] for c in range(args["num_classes"])])
     scored = grid if num_samples is None else torch.arange(min(num_samples, len(test_labels)))
     picked = torch.cat([grid, scored])
     x_image = data.to_unit_range(test_images[picked]).to(device)
     labels = test_labels[picked].to(device)
-    latents, _ = run_sharded(lambda images: (torch.cat([
-        flow.i2c(model, embedder, chunk, steps=steps, solver=solver, cfg_scale=cfg_scale, time_grid=time_grid)[0]
-        for chunk in images.split(500)]), 0), x_image, sharded=sharded)
+    latents, _ = run_sharded(lambda images: (torch.cat([flow.i2c(model, embedder, chunk, **kw)[0]
+                                                        for chunk in images.split(500)]), 0), x_image, sharded=sharded)
     n_grid = len(grid)
     pairs = torch.stack([x_image[:n_grid], latents[:n_grid].to(x_image.dtype)], dim=1).flatten(0, 1)
     if is_main_process():
@@ -143,8 +147,8 @@ def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, num_rows
     weights = torch.stack([1 - a, a], dim=1)
     classes = torch.tensor([class_a, class_b], device=device)
     z = mixed_latents(embedder, classes, weights, class_noise(embedder, num_rows, seed, device))
-    y = torch.full((len(z),), class_a, device=device)  # class ids matter to standard CFG only (refused above)
-    return run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
+    # No class ids: only standard CFG reads them, and its noise source has no means to mix.
+    return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
 
 
 @torch.no_grad()
@@ -155,8 +159,7 @@ def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", s
     weights = torch.cat([torch.eye(len(terms)), signs[None]])
     classes = torch.tensor([c for _, c in terms], device=device)
     z = mixed_latents(embedder, classes, weights, class_noise(embedder, num_rows, seed, device))
-    y = torch.full((len(z),), terms[0][1], device=device)
-    return run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
+    return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
 
 
 @torch.no_grad()
@@ -175,8 +178,7 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
                            z, y, sharded=sharded)
     if embedder.kind == "noise":
         return c2i, None, nfe
-    test_images, test_labels = data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"],
-                                                 args["image_size"])
+    test_images, test_labels = load_test_set(args, data_dir)
     first = torch.stack([torch.nonzero(test_labels == c)[0, 0] for c in classes])
     x_image = data.to_unit_range(test_images[first]).to(device)
     i2c, nfe_i2c = run_sharded(lambda xx: rows_first(flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
@@ -259,26 +261,22 @@ def run(args, device, parser):
         kw.update(READOUT)
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
         # Rank 0 first: it may have to write the test set to disk, which the others then read.
-        load_test = lambda: data.load_dataset(train_args["dataset"], "test", args.data_dir or train_args["data_dir"],
-                                              train_args["image_size"])
+        load_test = partial(load_test_set, train_args, args.data_dir)
         devices.on_rank0(load_test, others=load_test)
 
     def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
         passes = network_passes(nfe, args.cfg_scale)
         return f"{nfe} NFE" + (f" = {passes} network passes per image" if passes != nfe else "")
+    tensors_path = stem + ".pt" if args.save_tensors else None
     if what == "interpolate":
         class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
         images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_frames, args.num_rows, args.seed,
                                   device, sharded, **kw)
-        if main_process:
-            save_image(to_pixels(images), out, nrow=args.num_frames, padding=1)
         saved = dict(images=images, classes=torch.tensor([class_a, class_b]))
         message = f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_frames} frames, {cost(nfe)} each)"
     elif what == "arithmetic":
         terms = parse_class_expression(args.arithmetic, class_names, num_classes)
         images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, device, sharded, **kw)
-        if main_process:
-            save_image(to_pixels(images), out, nrow=len(terms) + 1, padding=1)
         saved = dict(images=images, classes=torch.tensor([c for _, c in terms]),
                      signs=torch.tensor([s for s, _ in terms]))
         formula = " ".join(f"{'+' if s > 0 else '-'} m_{c}" for s, c in terms).lstrip("+ ")
@@ -287,33 +285,33 @@ def run(args, device, parser):
         classes = args.classes or list(range(min(num_classes, 10)))
         c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_frames, args.seed, device,
                                      args.data_dir, sharded, **kw)
-        if main_process:
-            save_trajectory(c2i, i2c, out, stem + ".gif")
         saved = dict(c2i=c2i, classes=torch.tensor(classes), **({} if i2c is None else dict(i2c=i2c)))
         message = (f"wrote {out} and {stem}.gif ({len(classes)} trajectories per direction, {args.num_frames} "
                    f"frames, {cost(nfe)})")
     elif what == "c2i":
         images, labels, nfe = save_c2i_grid(model, embedder, flow, train_args, out, device, args.classes,
-                                            args.num_per_class, seed=args.seed, sharded=sharded, **kw)
+                                            args.num_per_class, args.seed, sharded, **kw)
         saved = dict(images=images, labels=labels)
         message = f"wrote {out} (C2I, {args.solver} {cost(nfe)}, cfg {args.cfg_scale})"
     else:
         scores, latents, labels = save_i2c_grid(model, embedder, flow, train_args, out, device,
-                                                min(args.num_per_class, 8), num_samples=args.num_samples,
-                                                data_dir=args.data_dir, sharded=sharded, **kw)
+                                                min(args.num_per_class, 8), args.num_samples, args.data_dir, sharded,
+                                                **kw)
         pred_l2, pred_cos = embedder.decode(latents)
-        saved = {}
-        if main_process:
-            torch.save(dict(latents=latents.cpu(), labels=labels.cpu(), pred_l2=pred_l2.cpu(),
-                            pred_cos=pred_cos.cpu()), stem + "_latents.pt")
+        saved = dict(latents=latents, labels=labels, pred_l2=pred_l2, pred_cos=pred_cos)
+        tensors_path = stem + "_latents.pt"  # always: these are what I2C computes
         decoder = "t = 0 read-out" if args.i2c_decoder == "readout" else f"{kw['solver']} ODE"
         message = (f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
-                   f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs) and {stem}_latents.pt")
+                   f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs)")
     if main_process:
+        if what in ("interpolate", "arithmetic"):  # a strip per noise draw
+            save_image(to_pixels(images), out, nrow=len(images) // args.num_rows, padding=1)
+        elif what == "trajectory":
+            save_trajectory(c2i, i2c, out, stem + ".gif")
         print(message)
-        if args.save_tensors and saved:
-            torch.save({k: v.cpu() for k, v in saved.items()}, stem + ".pt")
-            print(f"wrote {stem}.pt")
+        if tensors_path:
+            torch.save({k: v.cpu() for k, v in saved.items()}, tensors_path)
+            print(f"wrote {tensors_path}")
 
 
 if __name__ == "__main__":
