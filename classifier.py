@@ -89,7 +89,17 @@ def load_classifier(dataset, data_dir, device='cpu', image_size=32):
     return model.eval().requires_grad_(False).to(device)
 
 
+def confusion_matrix(true, predicted, num_classes):
+    """counts[i][j] = #{n : true_n = i, predicted_n = j}, a K x K list of lists (JSON-ready)."""
+    pairs = torch.as_tensor(true).long().cpu() * num_classes + torch.as_tensor(predicted).long().cpu()
+    return torch.bincount(pairs, minlength=num_classes ** 2).view(num_classes, num_classes).tolist()
+
+
 def c2i_class_accuracy(classifier, images, requested_labels):
-    """Fraction of generated images that the classifier assigns to the class they were generated for."""
-    acc, per_class = accuracy(classify(classifier, images), requested_labels, classifier.net[-1].out_features)
-    return {'c2i_class_acc': acc, 'per_class_c2i_class_acc': per_class}
+    """Fraction of generated images that the classifier assigns to the class they were generated for, per
+    class, and the confusion matrix (rows: requested class, columns: the classifier's label)."""
+    num_classes = classifier.net[-1].out_features
+    predicted = classify(classifier, images)
+    acc, per_class = accuracy(predicted, requested_labels, num_classes)
+    return {'c2i_class_acc': acc, 'per_class_c2i_class_acc': per_class,
+            'c2i_confusion': confusion_matrix(requested_labels, predicted, num_classes)}

