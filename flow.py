@@ -187,7 +187,11 @@ class Flow:
             torch.as_tensor(times, dtype=torch.float32, device=z.device).flip(0) if reverse else
             torch.as_tensor(times, dtype=torch.float32, device=z.device))
         if solver == "dopri5":
-            states = odeint(velocity, z.float(), grid, method="dopri5", atol=1e-5, rtol=1e-5)
+            # The network is called only inside [0, 1], where it was trained: steps end on the requested times
+            # (step_t) instead of stepping past the end and interpolating back, and a fixed first step replaces
+            # torchdiffeq's probe of the field at a guessed t0 + h0, which can lie outside.
+            options = dict(step_t=grid, first_step=0.01)
+            states = odeint(velocity, z.float(), grid, method="dopri5", atol=1e-5, rtol=1e-5, options=options)
         else:
             # An exact grid (torchdiffeq's step_size can add a sliver step from rounding: a wrong NFE).
             progress = fixed_time_grid(steps or DEFAULT_STEPS[solver], time_grid or DEFAULT_TIME_GRID[solver])

@@ -50,6 +50,7 @@ import embeddings
 import evaluate
 import flow as flow_module
 import inception
+import model_unet
 import sample
 import train
 from checkpoint import (CheckpointError, build_from_checkpoint, load_checkpoint, rng_state, save_checkpoint,
@@ -379,6 +380,21 @@ def test_each_solver_integrates_an_analytic_field_and_counts_nfe(solver, steps, 
     assert nfe == expected_nfe if expected_nfe else 6 <= nfe <= 200
     back, _ = Flow("l2i").integrate(velocity, exact, 0, solver="rk4", steps=20, reverse=True)
     assert (back - z0).abs().max() < 1e-4  # t from 1 to 0 undoes the flow
+
+
+def test_dopri5_calls_the_network_only_inside_0_1_both_ways_and_still_solves_the_ode():
+    seen = []
+
+    def model(z, t, cond, direction=None):  # dz/dt = -(1 + 5t) z:  z(t) = z(0) exp(-(t + 2.5 t^2))
+        seen.append(t)
+        return -(1 + 5 * t.view(-1, 1, 1, 1)) * z
+    flow, z0 = Flow("l2i"), torch.ones(2, 1, 2, 2)
+    forward, nfe = flow.integrate(model, z0, CLASS_TO_IMAGE, solver="dopri5")
+    backward, _ = flow.integrate(model, forward, CLASS_TO_IMAGE, solver="dopri5", reverse=True)
+    torch.testing.assert_close(forward, z0 * math.exp(-3.5), rtol=1e-3, atol=0)  # dopri5 at atol = rtol = 1e-5
+    torch.testing.assert_close(backward, z0, rtol=1e-3, atol=0)
+    t = torch.cat(seen)
+    assert nfe > 12 and t.min() >= 0 and t.max() <= 1, (nfe, t.min(), t.max())
 
 
 def test_guidance_combines_conditional_and_null_in_one_doubled_batch():
@@ -860,6 +876,13 @@ def test_every_preset_builds_and_keeps_the_shape(input_size, in_channels):
             assert unet(x, t, cond, direction).shape == x.shape, name
 
 
+def test_reference_unet_attention_is_placed_by_downsampling_factor_with_one_head():
+    for placement, blocks, heads in (("resolutions", 11, 4), ("reference", 6, 1)):
+        args = train.get_args(["--dataset", "cifar", "--model", "unet", "--unet-attention", placement])
+        attention = [m for m in checkpoint.build_model(vars(args)).modules() if isinstance(m, model_unet.AttentionBlock)]
+        assert len(attention) == blocks and {m.num_heads for m in attention} == {heads}
+
+
 # ------------------------------ models learn the flow on real MNIST
 
 def fit(model, flow, x_image, y, embedder, steps, optimizer):
@@ -1141,6 +1164,11 @@ def test_learned_class_means_move_during_training(run):
     start = rectangle_means(10, (1, 32, 32))  # where the 'learned' kind starts
     trained = run["ckpt"]["embedder"]
     assert (trained["means"] - start).abs().max() > 1e-3  # RUN_STEPS AdamW steps at lr 1e-2
+    logged = log_records(run["out"])[-1]
+    embedder = ClassEmbedder(start, kind="learned")
+    with torch.no_grad():
+        embedder.means.copy_(trained["means"])
+    assert logged["means_min_distance"] == pytest.approx(embedder.distances().min().item(), rel=1e-6)
     assert trained["logvar"].shape == start.shape
 
 
@@ -1152,7 +1180,7 @@ def tiny_training_step(grad_clip, x_uint8, y):
     embedder = build_embedder("learned", 10, (1, 32, 32))
     params = list(model.parameters()) + list(embedder.parameters())
     before = [p.detach().clone() for p in params]
-    args = Namespace(dataset="mnist", kl_weight=1e-3, grad_clip=grad_clip)
+    args = Namespace(dataset="mnist", kl_weight=1e-3, sep_weight=100.0, grad_clip=grad_clip)
     train.train_step(model, embedder, Flow("bidi"), torch.optim.SGD(params, lr=1.0), params, x_uint8, y,
                      torch.Generator().manual_seed(0), nullcontext(), args)
     return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)])
@@ -1163,6 +1191,9 @@ def test_train_step_clips_the_gradient_norm_of_model_and_class_latents_together(
     gradient = tiny_training_step(1e9, images[:4], labels[:4])  # no clipping
     embedder_part = gradient[-2 * 10 * 32 * 32:]  # the learned means and log-variances come last
     assert gradient.norm() > 0.1 and embedder_part.norm() > 0
+    assert torch.equal(tiny_training_step(0.0, images[:4], labels[:4]), gradient)  # 0: off, the reference's
+    assert train.get_args(["--dataset", "mnist"]).grad_clip == 0
+    assert train.get_args(["--dataset", "mnist", "--preset", "tiny"]).grad_clip == 1.0
     clipped = tiny_training_step(0.01, images[:4], labels[:4])
     # atol: a float32 weight near 1 moved by ~1e-5 keeps its move to about 6e-8
     torch.testing.assert_close(clipped, gradient * (0.01 / gradient.norm()), rtol=1e-3, atol=3e-7)
@@ -1242,7 +1273,7 @@ DDP_STEP = textwrap.dedent("""
     flow.draw = draw
     train.train_step(DDP(model) if world > 1 else model, embedder, flow, torch.optim.SGD(params, lr=0.1), params,
                      x_uint8.chunk(world)[rank], y.chunk(world)[rank], torch.Generator(), nullcontext(),
-                     Namespace(dataset="mnist", kl_weight=1e-3, grad_clip=1e9))
+                     Namespace(dataset="mnist", kl_weight=1e-3, sep_weight=100.0, grad_clip=1e9))
     if rank == 0:
         torch.save(dict(before=before, after=[p.detach() for p in params]), sys.argv[2])
     devices.shutdown()

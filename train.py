@@ -31,19 +31,19 @@ from checkpoint import (MODELS, build_class_embedder, build_flow, build_model, c
 from embeddings import KINDS
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from model_dit import DIT_PRESETS
-from model_unet import UNET_PRESETS
+from model_unet import UNET_PRESETS, reference_attention
 
 # Training recipes by preset; command-line flags win. 'tiny' is the CPU recipe (RESULTS.md); its last
 # three settings let both directions learn within the demo budget.
 TRAIN_PRESETS = {
     "tiny": dict(lr=1e-3, batch_size=64, max_steps=800, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
-                 embedding="text", std_scale=0.5, i2c_time_power=3.0),
+                 grad_clip=1.0, embedding="text", std_scale=0.5, i2c_time_power=3.0),
     "mnist": dict(max_steps=120_000),
     "cifar": dict(max_steps=300_000),
     "imagenet": dict(max_steps=400_000),
 }
 REFERENCE = dict(embedding="rectangle", std_scale=1.0, i2c_time_power=1.0, lr=1e-4, batch_size=256,
-                 max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False)
+                 max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
                "unet": ("model_channels", "channel_mult", "num_res_blocks", "attention_resolutions",
@@ -64,6 +64,8 @@ def get_args(argv=None):
                               ("channel-mult", int, "+"), ("num-res-blocks", int, None),
                               ("attention-resolutions", int, "*"), ("dropout", float, None)):
         p.add_argument(f"--{flag}", type=kind, nargs=nargs, help="model shape (default: the preset's)")
+    p.add_argument("--unet-attention", default="resolutions", choices=("resolutions", "reference"),
+                   help="UNet: attend at the feature-map sides given, or where the reference does (model_unet.py)")
     # class latents
     p.add_argument("--embedding", choices=KINDS, help="default: the preset's (rectangle for the reference)")
     p.add_argument("--std-scale", type=float, help="noise std of class latents (default: the preset's)")
@@ -92,7 +94,7 @@ def get_args(argv=None):
                    help="EMA decay min(decay, (1+step)/(10+step)) so a short run's EMA is not its init")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0: off (default: the preset's; the reference's: off)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on where the hardware has bf16 arithmetic, see bf16_is_fast)")
     p.add_argument("--compile", action="store_true")
@@ -120,6 +122,8 @@ def resolve(args):
         if getattr(args, key) is None:
             setattr(args, key, value)
     config = dict((DIT_PRESETS if args.model == "dit" else UNET_PRESETS)[args.preset])
+    if args.model == "unet" and args.unet_attention == "reference":
+        config.update(reference_attention(args.image_size))
     for key in MODEL_FLAGS[args.model]:
         value = getattr(args, key)
         if value is not None:
@@ -177,7 +181,8 @@ def train_step(train_model, embedder, flow, optimizer, params, x_uint8, y, gener
     total.backward()
     for p in embedder.parameters():  # learned class latents live outside DDP: average their gradients here
         devices.all_reduce(p.grad, "mean")
-    torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    if args.grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
     optimizer.step()
     return total, per_sample, batch
 
@@ -320,6 +325,8 @@ def main(args):
             progress.check_finite(step, params if save_now else None)
         if step % args.log_every == 0 or last:
             record, line = progress.record(step)
+            if args.embedding == "learned":  # do the trained class means keep apart? (embeddings.py)
+                record.update(embedder.spread())
             if master:
                 print(line, flush=True)
                 write_line(log, record)
