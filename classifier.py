@@ -47,8 +47,7 @@ def train_classifier(images, labels, test_images, test_labels, num_classes, epoc
         with torch.enable_grad():  # also when first needed inside a no_grad evaluation
             for _ in range(epochs):
                 order = torch.randperm(len(images), generator=generator)
-                for start in range(0, len(order) - batch_size + 1, batch_size):
-                    idx = order[start:start + batch_size]
+                for idx in order[:len(order) // batch_size * batch_size].split(batch_size):  # whole batches
                     x = images[idx].to(device).float() / 127.5 - 1
                     loss = F.cross_entropy(model(x), labels[idx].to(device))
                     optimizer.zero_grad(set_to_none=True)

@@ -60,10 +60,6 @@ def feature_stats(features):
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def save_stats(path, mu, sigma):
-    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)))
-
-
 def load_stats(path, dim=2048):
     """(mu (D,), sigma (D, D)) float64 from an .npz file of mu and sigma: ours, pytorch-fid's or clean-fid's."""
     if not os.path.isfile(path):
@@ -146,8 +142,8 @@ def quantise(images):
 
 
 def balanced_subset(labels, count):
-    """The first `count` indices of a seeded shuffle dealt round-robin over the classes: any prefix is
-    class-balanced like the samples."""
+    """The first `count` (None: all) indices of a seeded shuffle dealt round-robin over the classes: any
+    prefix is class-balanced like the samples."""
     shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     rank_in_class = torch.empty(len(labels), dtype=torch.long)
     for c in labels.unique():
@@ -159,11 +155,11 @@ def balanced_subset(labels, count):
 def reference_features(dataset, data_dir, image_size, count, fid_inception, split='test', batch_size=100):
     """Inception features, stats, labels and indices of balanced_subset(`split`, count) (None: all of it),
     cached under cache_dir() by dataset, size, split, count and the weights (inception.weights_tag)."""
-    images, labels = data.load_dataset(dataset, split, data_dir, image_size)
-    count = len(labels) if count is None else min(count, len(labels))
-    path = cache_dir() / f'reference_{dataset}_{image_size}_{split}_{count}_{inception.weights_tag(fid_inception)}.pt'
+    weights = inception.weights_tag(fid_inception)
+    path = cache_dir() / f'reference_{dataset}_{image_size}_{split}_{count or "all"}_{weights}.pt'
     if path.is_file():
         return torch.load(path, map_location='cpu', weights_only=True)
+    images, labels = data.load_dataset(dataset, split, data_dir, image_size)
     indices = balanced_subset(labels, count)
     features = inception.inception_features(fid_inception, images[indices], batch_size)
     mu, sigma = feature_stats(features)
@@ -331,10 +327,10 @@ def get_args(argv=None):
     p.add_argument('--solvers', nargs='+', choices=SOLVERS, default=[DEFAULT_SOLVER])
     p.add_argument('--steps', type=int, nargs='+', help="fixed-step solvers' steps (default: each solver's own)")
     p.add_argument('--time-grids', nargs='+', choices=TIME_GRIDS, help="default: each solver's own")
-    p.add_argument('--num-samples', type=int, default=10_000, help='C2I samples; also the number of test images')
+    p.add_argument('--num-samples', type=int, default=10_000, help='C2I samples, I2C test images')
     p.add_argument('--k', type=int, default=3, help='nearest neighbour defining the precision/recall balls')
     p.add_argument('--ref-split', choices=('train', 'test'), default='test', help='the real images of FID and P/R')
-    p.add_argument('--num-real', type=int, help='at most this many (default: --num-samples; statistics alone: all)')
+    p.add_argument('--num-real', type=int, help='at most this many reals (default: --num-samples; stats alone: all)')
     stats = p.add_mutually_exclusive_group()
     stats.add_argument('--save-stats', help="write the real images' mu, sigma to this .npz (pytorch-fid's format)")
     stats.add_argument('--ref-stats', help='FID against the mu, sigma of this .npz; P/R are then None')
@@ -389,7 +385,8 @@ def main(args):
         reference = reference_features(spec['dataset'], args.data_dir or spec['data_dir'] or 'data', spec['image_size'],
                                        args.num_real or (args.num_samples if args.checkpoints else None),
                                        _load_inception(args.device, args.inception), args.ref_split, args.batch_size)
-        save_stats(args.save_stats, reference['mu'], reference['sigma'])
+        mu, sigma = reference['mu'].numpy(), reference['sigma'].numpy()  # float64: pytorch-fid's np.savez
+        atomic_write(args.save_stats, lambda f: np.savez(f, mu=mu, sigma=sigma))
         print(f"wrote {args.save_stats}: {spec['dataset']} {args.ref_split}, {len(reference['features'])} images")
     if args.checkpoints:
         print(HEADER)

