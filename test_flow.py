@@ -50,6 +50,7 @@ import embeddings
 import evaluate
 import flow as flow_module
 import inception
+import plots
 import model_unet
 import sample
 import train
@@ -1759,7 +1760,7 @@ def test_confusion_matrix_counts_a_hand_built_prediction_list_and_draws_it_row_n
     assert counts == [[1, 1, 0], [0, 1, 0], [1, 0, 3]]  # by hand: row = true class, column = prediction
     result = dict(c2i_confusion=counts, i2c_confusion_l2=[[2, 0, 0], [0, 0, 2], [0, 0, 2]], cfg_scale=1.0,
                   solver="euler", steps=4)
-    evaluate.plot_confusion(result, tmp_path / "both.png")
+    plots.plot_confusion(result, tmp_path / "both.png")
     image = Image.open(tmp_path / "both.png").convert("RGB")
     assert image.size == (2 * (30 + 400 + 10), 40 + 400 + 20)  # two panels of left + grid + 10 by top + grid + 20
     cell = 400 // 3
@@ -1771,7 +1772,7 @@ def test_confusion_matrix_counts_a_hand_built_prediction_list_and_draws_it_row_n
     assert shade(0, 2, 0) == (191, 191, 255) and shade(0, 2, 2) == (64, 64, 255) and shade(0, 1, 1) == (0, 0, 255)
     assert shade(1, 1, 2) == (0, 0, 255) and shade(1, 1, 1) == (255, 255, 255)
     del result["i2c_confusion_l2"]  # a noise-source model: C2I alone
-    evaluate.plot_confusion(result, tmp_path / "c2i.png")
+    plots.plot_confusion(result, tmp_path / "c2i.png")
     assert Image.open(tmp_path / "c2i.png").size == (440, 460)
 
 
