@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
@@ -83,11 +84,12 @@ STEPS = dict(steps=3, solver="euler", cfg_scale=1.0)  # a cheap sampler for test
 @pytest.fixture(scope="session", autouse=True)
 def own_cache(tmp_path_factory):
     """The suite's own caches, for this process and every script it starts: the FID Inception weights, the
-    MNIST judge and reference features (XFM_CACHE), torch.hub's downloads (TORCH_HOME) and anything else
-    that would use ~/.cache (XDG_CACHE_HOME)."""
+    MNIST judge and reference features (XFM_CACHE), torch.hub's downloads (TORCH_HOME), inductor's compiled
+    kernels (TORCHINDUCTOR_CACHE_DIR, else shared machine-wide under /tmp) and anything else that would use
+    ~/.cache (XDG_CACHE_HOME)."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("XFM_CACHE", "TORCH_HOME", "XDG_CACHE_HOME"):
+        for name in ("XFM_CACHE", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME"):
             patch.setenv(name, str(root / name.lower()))
         yield root
 
@@ -223,6 +225,7 @@ def test_the_suite_keeps_its_caches_out_of_the_home_directory(own_cache):
     for place in (checkpoint.cache_dir(), Path(torch.hub.get_dir())):
         assert own_cache in place.parents, place
     assert own_cache in Path(child_env()["XDG_CACHE_HOME"]).parents
+    assert own_cache in Path(inductor_cache_dir()).parents
 
 
 # ============================== the flow (flow.py)
