@@ -1,19 +1,14 @@
 """Checkpoints: written atomically, loaded safely, and enough on their own to rebuild a model.
 
-A checkpoint is a plain dict of tensors and Python values (no pickled classes), so it loads with
-torch.load(weights_only=True) and a stranger's file cannot run code on your machine:
-
-    format      CHECKPOINT_FORMAT, to tell our files from any other .pt
+A checkpoint is a plain dict of tensors and Python values (no pickled classes) tagged format=CHECKPOINT_FORMAT,
+so it loads with torch.load(weights_only=True) and a stranger's file cannot run code on your machine:
     args        every train.py flag, preset resolved (with model_config, data_shape, num_classes)
     model, ema  state dicts of the raw (un-compiled, un-DDP'd) network and of its EMA
     embedder, ema_embedder   class-latent state (the means; trainable ones for 'learned')
     optimizer, step   AdamW moments and the number of updates done (the LR schedule is a function of it)
     rng         per rank: python, numpy, torch CPU and CUDA states and the flow's generator (rng_state)
     data_state  the sampler's {'epoch', 'offset'} (data.Batches): the next batch is an uninterrupted run's
-
---resume goes through resume_run, which checks that the command describes the saved run.
 """
-import glob
 import json
 import os
 import pickle
@@ -32,11 +27,9 @@ from model_dit import DiT
 from model_unet import UNet
 
 CHECKPOINT_FORMAT = "xfm-checkpoint-v1"
-# The train.py flags a resumed run may change (--max-steps: to train a finished run longer); any other
-# difference would make it another run.
 RESUME_MAY_CHANGE = ("data_dir", "device", "bf16", "compile", "out", "resume", "max_steps", "log_every", "ckpt_every",
                      "keep_every", "sample_every", "sample_steps", "sample_solver", "eval_every", "num_samples")
-MODELS = ("dit", "unet")
+MODELS = {"dit": DiT, "unet": UNet}
 
 
 class CheckpointError(ValueError):
@@ -44,11 +37,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_write(path, write, mode="wb"):
-    """write(f) into a temporary file beside `path`, fsync, then rename it over `path`: rename() within one
-    file system is atomic, so `path` holds its previous or its new complete content whenever the process
-    dies. Every file this project writes (checkpoints, logs, datasets, caches) goes through here."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
+    """write(f) to a temporary file beside `path`, fsync, rename it over `path`: a kill leaves old or new, not half."""
+    directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     os.fchmod(fd, 0o644)  # readable like any file, not mkstemp's owner-only 0600
@@ -58,20 +48,17 @@ def atomic_write(path, write, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
+    finally:
+        if os.path.exists(tmp_path):  # the write or the rename failed: no stray temporary file
             os.remove(tmp_path)
-        raise
     dir_fd = os.open(directory, os.O_RDONLY)  # fsync the directory too: the rename survives a power loss
     os.fsync(dir_fd)
     os.close(dir_fd)
 
 
 def cache_dir():
-    """The cache of the FID Inception, the C2I classifier and reference features: $XFM_CACHE, else
-    $XDG_CACHE_HOME/xfm, else ~/.cache/xfm."""
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xfm"
-    return Path(os.environ.get("XFM_CACHE") or default)
+    """$XFM_CACHE, else $XDG_CACHE_HOME/xfm, else ~/.cache/xfm: the FID Inception, C2I classifier, reference stats."""
+    return Path(os.environ.get("XFM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xfm")
 
 
 def save_checkpoint(state, path):
@@ -80,17 +67,15 @@ def save_checkpoint(state, path):
 
 def rng_state(generator):
     """Every random stream training draws from, as plain values and tensors (weights_only-loadable)."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    return dict(python=random.getstate(), numpy=(keys.tolist(), pos, has_gauss, cached_gaussian),
-                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                generator=generator.get_state())
+    _, keys, *rest = np.random.get_state()  # rest: pos, has_gauss, cached_gaussian
+    return dict(python=random.getstate(), numpy=(keys.tolist(), *rest), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None, generator=generator.get_state())
 
 
 def set_rng_state(state, generator):
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached_gaussian))
+    random.setstate(state["python"])
+    keys, *rest = state["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -105,12 +90,11 @@ def check_out_dir(out, resume):
     except OSError as e:
         raise ValueError(f"cannot write to --out {out}: {e.strerror}") from None
     last_pt = os.path.join(out, "last.pt")
-    if not resume and os.path.exists(last_pt):
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or another --out")
-    if resume and not os.path.exists(last_pt):
-        raise ValueError(f"--resume: no {last_pt} to resume from")
-    for partial in glob.glob(os.path.join(out, ".tmp-*")):  # left by a save that was killed
-        os.remove(partial)
+    if resume != os.path.exists(last_pt):
+        raise ValueError(f"--resume: no {last_pt} to resume from" if resume
+                         else f"{out} already holds a run: pass --resume to continue it, or another --out")
+    for partial in Path(out).glob(".tmp-*"):  # left by a save that was killed
+        partial.unlink()
 
 
 def resume_run(out, args, map_location="cpu"):
@@ -132,8 +116,7 @@ def resume_run(out, args, map_location="cpu"):
 
 
 def export_ema(ckpt, path):
-    """Args, step and the EMA weights alone, in fp16 (the tiny UNet: 2.4 MB instead of 19 MB): it loads
-    like any checkpoint in sample.py and evaluate.py, but cannot resume training."""
+    """Args, step and the EMA weights alone, in fp16 (tiny UNet: 2.4 MB, not 19 MB): for sampling, not resuming."""
     ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     save_checkpoint(dict(args=ckpt["args"], step=ckpt["step"], ema=ema, ema_embedder=ckpt["ema_embedder"]), path)
 
@@ -158,13 +141,11 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def build_model(args):
-    """The network described by a train.py args dict (model, model_config, data_shape, ...)."""
     channels, height, _ = args["data_shape"]
     # Indicator CFG needs two labels (conditional / null); standard CFG needs K classes + null.
     num_cond_labels = args["num_classes"] + 1 if args["use_conditioning"] else 2
-    common = dict(input_size=height, in_channels=channels, num_cond_labels=num_cond_labels,
-                  bidirectional=args["mode"] == "bidi")
-    return {"dit": DiT, "unet": UNet}[args["model"]](**common, **args["model_config"])
+    return MODELS[args["model"]](input_size=height, in_channels=channels, num_cond_labels=num_cond_labels,
+                                 bidirectional=args["mode"] == "bidi", **args["model_config"])
 
 
 def build_class_embedder(args):
@@ -175,17 +156,15 @@ def build_class_embedder(args):
 
 
 def build_flow(args):
-    return Flow(args["mode"], args["lambda_b"], args["cfg_dropout"], args["ln"], args["ln_loc"],
-                args["ln_scale"], args["si_scale"], args["use_conditioning"], args["num_classes"],
-                args.get("i2c_time_power", 1.0))
+    return Flow(args["mode"], args["lambda_b"], args["cfg_dropout"], args["ln"], args["ln_loc"], args["ln_scale"],
+                args["si_scale"], args["use_conditioning"], args["num_classes"], args.get("i2c_time_power", 1.0))
 
 
 def build_from_checkpoint(ckpt, device="cpu"):
     """(model, embedder, flow, args) in eval mode, with the EMA weights."""
     args = ckpt["args"]
-    model = build_model(args)
+    model = devices.place(build_model(args), device, nhwc_on_cpu=args["model"] == "unet")
     model.load_state_dict(ckpt["ema"])
     embedder = ClassEmbedder(ckpt["ema_embedder"]["means"], args["std_scale"], args["embedding"])
     embedder.load_state_dict(ckpt["ema_embedder"])
-    model = devices.place(model, device, nhwc_on_cpu=args["model"] == "unet")
     return model.eval(), embedder.to(device).eval(), build_flow(args), args

@@ -1,9 +1,7 @@
 """Devices, precision and processes: the one place that knows about torchrun, bf16 and memory formats.
 
-Under torchrun (RANK is set) every process joins one process group, NCCL on GPUs and gloo on CPUs;
-without it there is one process and every collective here is a no-op. All the collectives of the
-scripts live in this file, apart from the gradient averaging inside DistributedDataParallel. A user
-error ends a script with one line and exit code 2 (run_main).
+Under torchrun (RANK is set) every process joins one group, NCCL on GPUs and gloo on CPUs, and the scripts'
+collectives (all but DDP's gradient averaging) go through here; alone, each of them is a no-op.
 """
 import os
 import sys
@@ -17,14 +15,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 def setup(device="auto"):
     """Join the process group when started by torchrun. Returns (rank, world_size, torch.device)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    on_gpu = str(device).startswith("cuda")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if device == "auto" else device)
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if on_gpu else "gloo")
-        if on_gpu:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    device = torch.device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return (dist.get_rank() if dist.is_initialized() else 0), world_size(), device
@@ -47,11 +43,7 @@ def on_rank0(fn, others=None):
             result = fn()
         except USER_ERRORS as e:
             error = str(e)
-    if dist.is_initialized():
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
+    if error := all_gather_object(error)[0]:  # rank 0's error reaches every rank
         raise ValueError(error)
     return result if is_main_process() or others is None else others()
 
@@ -72,23 +64,20 @@ def host_group():
 
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every process."""
-    if not dist.is_initialized():
-        return [obj]
-    gathered = [None] * world_size()
-    dist.all_gather_object(gathered, obj)
+    gathered = [obj] * world_size()
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, obj)
     return gathered
 
 
 def run_sharded(fn, *rows, sharded=False):
-    """(out, nfe) = fn(*rows); with sharded=True under torchrun each process computes a contiguous share of
-    the rows and every process gets all outputs back in order. Every process holds all the inputs (drawn
-    from one seed), so N processes give the images of one. Shares are padded by repeating the last row
-    (all_gather needs equal sizes); the copies are dropped."""
+    """(out, nfe) = fn(*rows); with sharded=True under torchrun each process computes a contiguous share of the
+    rows (all hold all rows, drawn from one seed) and all get every output back in order: the images of one."""
     if not (sharded and dist.is_initialized()):
         return fn(*rows)
     n, world, me = len(rows[0]), dist.get_world_size(), dist.get_rank()
     per = -(-n // world)
-    mine = torch.arange(me * per, (me + 1) * per).clamp(max=n - 1)
+    mine = torch.arange(me * per, (me + 1) * per).clamp(max=n - 1)  # equal shares: all_gather needs them
     out, nfe = fn(*(r[mine.to(r.device)] for r in rows))
     pieces = [torch.empty_like(out) for _ in range(world)]
     dist.all_gather(pieces, out.contiguous())
@@ -103,8 +92,7 @@ def shutdown():
 
 
 def run_main(main, errors=USER_ERRORS):
-    """main(); a user error ends the process with `error: ...` on one line of stderr and exit code 2 (said
-    once, by rank 0: under torchrun every rank fails alike)."""
+    """main(); a user error ends the process with one line `error: ...` on stderr (by rank 0) and exit code 2."""
     try:
         main()
     except errors as e:
@@ -115,19 +103,13 @@ def run_main(main, errors=USER_ERRORS):
 
 
 def bf16_is_fast(device):
-    """bf16 autocast pays on GPUs and on CPUs with native bf16 (AVX512-BF16 or AMX). On other CPUs
-    PyTorch emulates it, and a training step is about 10x slower than fp32."""
-    if device.type == "cuda":
-        return True
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """bf16 autocast pays on GPUs and CPUs with native bf16 (AVX512-BF16, AMX); emulated, a step is ~10x slower."""
+    flags = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
+    return device.type == "cuda" or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def place(model, device, nhwc_on_cpu=False):
     """The model on `device`, a convolutional one in NHWC on a CPU: oneDNN runs it faster there (tiny UNet
     47.2 vs 37.8 img/s, the FID Inception 1.6x), while on an H100 NHWC costs the UNet 12-17%."""
-    model = model.to(device)
-    if nhwc_on_cpu and torch.device(device).type == "cpu":
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    nhwc = nhwc_on_cpu and torch.device(device).type == "cpu"
+    return model.to(device, memory_format=torch.channels_last if nhwc else torch.preserve_format)

@@ -3,13 +3,9 @@
     python train.py --dataset mnist --mode bidi --preset tiny --out runs/demo      # one process
     torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi               # DDP, 8 GPUs
 
-Defaults are the reference settings (TRAIN_PRESETS, REFERENCE); `--preset tiny` learns MNIST in minutes
-on a CPU. One step: a batch of the preloaded uint8 dataset (flipped on the device for CIFAR/ImageNet),
-loss = flow.loss(model, x_image, y, embedder) (the math: flow.py), an AdamW step on the model (+ learned
-class latents), the EMA update; every N steps log, save, sample, evaluate. --out holds last.pt (+ kept
-snapshots), log.jsonl and PNG grids. SIGTERM saves and exits at the next step on every rank, a
-non-finite loss or weight stops the run before anything poisoned is written, and --resume continues bit
-for bit (checkpoint.py).
+Defaults are the reference settings (TRAIN_PRESETS, REFERENCE); `--preset tiny` learns MNIST in minutes on a CPU.
+--out holds last.pt (+ kept snapshots), log.jsonl and PNG grids. SIGTERM saves and exits, a non-finite loss or
+weight stops the run before anything poisoned is written, and --resume continues bit for bit (checkpoint.py).
 """
 import argparse
 import json
@@ -17,7 +13,6 @@ import os
 import random
 import signal
 import time
-from contextlib import nullcontext
 from copy import deepcopy
 
 import numpy as np
@@ -38,9 +33,7 @@ from model_unet import UNET_PRESETS, reference_attention
 TRAIN_PRESETS = {
     "tiny": dict(lr=1e-3, batch_size=64, max_steps=800, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
                  grad_clip=1.0, embedding="text", std_scale=0.5, i2c_time_power=3.0),
-    "mnist": dict(max_steps=120_000),
-    "cifar": dict(max_steps=300_000),
-    "imagenet": dict(max_steps=400_000),
+    "mnist": dict(max_steps=120_000), "cifar": dict(max_steps=300_000), "imagenet": dict(max_steps=400_000),
 }
 REFERENCE = dict(embedding="rectangle", std_scale=1.0, i2c_time_power=1.0, lr=1e-4, batch_size=256,
                  max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0)
@@ -66,7 +59,6 @@ def get_args(argv=None):
         p.add_argument(f"--{flag}", type=kind, nargs=nargs, help="model shape (default: the preset's)")
     p.add_argument("--unet-attention", default="resolutions", choices=("resolutions", "reference"),
                    help="UNet: attend at the feature-map sides given, or where the reference does (model_unet.py)")
-    # class latents
     p.add_argument("--embedding", choices=KINDS, help="default: the preset's (rectangle for the reference)")
     p.add_argument("--std-scale", type=float, help="noise std of class latents (default: the preset's)")
     p.add_argument("--rect-size", type=int, default=10, help="rectangle latents: the side in pixels")
@@ -75,7 +67,6 @@ def get_args(argv=None):
     p.add_argument("--embedding-seed", type=int, default=0)
     p.add_argument("--kl-weight", type=float, default=1e-3, help="KL weight of the 'learned' latents")
     p.add_argument("--sep-weight", type=float, default=100.0, help="weight of the 'learned' means' separation hinge")
-    # the flow
     p.add_argument("--lambda-b", type=float, default=0.5)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ln", action="store_true", help="logit-normal t")
@@ -84,23 +75,20 @@ def get_args(argv=None):
     p.add_argument("--si-scale", type=float, default=0.0)
     p.add_argument("--i2c-time-power", type=float, help="image->class samples take t^p (flow.py; default: preset's)")
     p.add_argument("--use-conditioning", action="store_true", help="standard class CFG (noise source only)")
-    # optimisation (default: the preset's, else the reference)
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int, help="global batch, split over processes")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--ema-decay", type=float)
-    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
                    help="EMA decay min(decay, (1+step)/(10+step)) so a short run's EMA is not its init")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0: off (default: the preset's; the reference's: off)")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on where the hardware has bf16 arithmetic, see bf16_is_fast)")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0: off (default: the preset's)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where it is fast)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    # run directory and periodic work
     p.add_argument("--out", default="runs/default")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     p.add_argument("--log-every", type=int, default=100)
@@ -111,24 +99,19 @@ def get_args(argv=None):
     p.add_argument("--sample-solver", default=DEFAULT_SOLVER, choices=SOLVERS)
     p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
     p.add_argument("--num-samples", type=int, default=1000, help="images (and test images) per evaluation")
-    return resolve(p.parse_args(argv))
-
-
-def resolve(args):
-    """Fill in the presets and validate, before any work. ValueErrors, not parser.error(): under torchrun
-    one line is printed, by rank 0."""
+    args = p.parse_args(argv)
+    # A flag not given takes the preset's value, else the reference's; all are checked before any work, with
+    # ValueErrors, not parser.error(): under torchrun one line is printed, by rank 0.
     args.preset = args.preset or DEFAULT_PRESET[args.dataset]
     for key, value in {**REFERENCE, **TRAIN_PRESETS[args.preset]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    config = dict((DIT_PRESETS if args.model == "dit" else UNET_PRESETS)[args.preset])
+    args.model_config = dict((DIT_PRESETS if args.model == "dit" else UNET_PRESETS)[args.preset])
     if args.model == "unet" and args.unet_attention == "reference":
-        config.update(reference_attention(args.image_size))
+        args.model_config.update(reference_attention(args.image_size))
     for key in MODEL_FLAGS[args.model]:
-        value = getattr(args, key)
-        if value is not None:
-            config[key] = tuple(value) if isinstance(value, list) else value
-    args.model_config = config
+        if (value := getattr(args, key)) is not None:
+            args.model_config[key] = tuple(value) if isinstance(value, list) else value
     args.data_shape = data.dataset_shape(args.dataset, args.image_size)
     args.num_classes = data.num_classes(args.dataset)
     if args.embedding == "noise":
@@ -213,56 +196,57 @@ class Progress:
             self.mark_bad(step, torch.stack([p.isfinite().all() for p in params]).all())
         first_bad = devices.all_reduce(self.first_bad_step, "max").item()
         if first_bad >= 0:
-            kept = (f"{self.args.out}/last.pt keeps step {self.saved_step}" if self.saved_step
-                    else "no checkpoint was written")
+            kept = f"last.pt keeps step {self.saved_step}" if self.saved_step else "no checkpoint was written"
             raise FloatingPointError(f"loss or weights became non-finite at step {first_bad}; "
                                      f"stopped without saving, {kept} (try a lower --lr)")
 
-    def record(self, step):
-        """The log record since the last one (every rank's losses), and a progress line."""
+    def log(self, step, extra):
+        """The record since the last one (every rank's losses, and `extra`): rank 0 logs it and prints a line."""
         sums, counts = devices.all_reduce(self.sums_counts).tolist()
         self.sums_counts.zero_()
         now, args = time.time(), self.args
         img_per_s = (step - self.step) * args.batch_size / (now - self.time)
+        self.time, self.step = now, step
         record = dict(step=step, loss=sum(map(sum, sums)) / sum(map(sum, counts)), lr=lr_at(step - 1, args),
-                      img_per_s=img_per_s)
+                      img_per_s=img_per_s, **extra)
         for name, by_t, n_by_t in zip(("c2i", "i2c"), sums, counts):
             if sum(n_by_t):
                 record[f"loss_{name}"] = sum(by_t) / sum(n_by_t)
                 record[f"loss_{name}_by_t"] = [s / n if n else None for s, n in zip(by_t, n_by_t)]
-        self.time, self.step = now, step
-        eta = (args.max_steps - step) * args.batch_size / max(img_per_s, 1e-9)
-        parts = " ".join(f"{k[5:]} {record[k]:.4f}" for k in ("loss_c2i", "loss_i2c") if k in record)
-        line = (f"step {step}/{args.max_steps} | loss {record['loss']:.4f} {parts} | {img_per_s:.0f} img/s | "
-                f"ETA {eta / 60:.1f} min")
-        return record, line
+        if devices.is_main_process():
+            eta = (args.max_steps - step) * args.batch_size / max(img_per_s, 1e-9)
+            parts = " ".join(f"{k[5:]} {record[k]:.4f}" for k in ("loss_c2i", "loss_i2c") if k in record)
+            print(f"step {step}/{args.max_steps} | loss {record['loss']:.4f} {parts} | {img_per_s:.0f} img/s | "
+                  f"ETA {eta / 60:.1f} min", flush=True)
+            write_line(args.out, record)
 
 
-def save(path, step, args, stateful, generator):
-    """Rank 0 writes the state of the run, with every rank's random streams (for an exact resume)."""
+def save(step, args, stateful, generator):
+    """Rank 0 writes the state of the run to --out/last.pt, with every rank's random streams (for an exact
+    resume), and every --keep-every steps links it as step_N.pt (a hard link: no second copy on disk)."""
     rngs = devices.all_gather_object(rng_state(generator))
     if devices.is_main_process():
+        last_pt, snapshot = os.path.join(args.out, "last.pt"), os.path.join(args.out, f"step_{step}.pt")
         state = {key: obj.state_dict() for key, obj in stateful.items()}
-        save_checkpoint(dict(state, args=vars(args), step=step, rng=rngs), path)
+        save_checkpoint(dict(state, args=vars(args), step=step, rng=rngs), last_pt)
+        if step % args.keep_every == 0 and not os.path.exists(snapshot):
+            os.link(last_pt, snapshot)
 
 
 def restore(ckpt, stateful, generator, world_size, rank):
-    """Load the saved state into the run; returns the step to continue from."""
+    """Load the saved state into the run (popped: the run keeps the only copy); returns the step to continue from."""
     for key, obj in stateful.items():
-        obj.load_state_dict(ckpt[key])
+        obj.load_state_dict(ckpt.pop(key))
     if len(ckpt["rng"]) == world_size:
         set_rng_state(ckpt["rng"][rank], generator)
     elif rank == 0:
-        print(f"resuming on {world_size} processes from a {len(ckpt['rng'])}-process run: "
-              "random streams restart (not an exact resume)")
+        print(f"resuming a {len(ckpt['rng'])}-process run on {world_size}: random streams restart (not exact)")
     return ckpt["step"]
 
 
 def main(args):
     rank, world_size, device = devices.setup(args.device)
-    args.device = device.type
     args.bf16 = devices.bf16_is_fast(device) if args.bf16 is None else args.bf16
-    master = rank == 0
     devices.on_rank0(lambda: check_out_dir(args.out, args.resume))
     last_pt = os.path.join(args.out, "last.pt")
     if args.resume:  # rank 0 checks it before any work, so that a bad one stops every rank with one message
@@ -273,7 +257,7 @@ def main(args):
     np.random.seed(seed)
     torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)  # the flow's t, noise, pairing and flips
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
 
     model = devices.place(build_model(vars(args)), device, nhwc_on_cpu=args.model == "unet")
     embedder = build_class_embedder(vars(args)).to(device)
@@ -288,10 +272,7 @@ def main(args):
     batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
     stateful = dict(model=model, ema=ema, embedder=embedder, ema_embedder=ema_embedder, optimizer=optimizer,
                     data_state=batches)
-    step = 0
-    if args.resume:
-        step = restore(ckpt, stateful, generator, world_size, rank)
-        del ckpt  # its tensors now live in the run
+    step = restore(ckpt, stateful, generator, world_size, rank) if args.resume else 0
     train_model = torch.compile(model) if args.compile else model
     if world_size > 1:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -300,17 +281,16 @@ def main(args):
     # agree on stopping over a host-side group (no wait on the GPU), or one would wait forever in a collective.
     sigterm, control = [], devices.host_group()
     signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
-    log = open(os.path.join(args.out, "log.jsonl"), "a") if master else None
-    if master:
+    if rank == 0:
         print(f"{args.model} preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
               f"parameters | {args.mode} on {args.dataset} | {world_size} process(es) on {device.type} | "
               f"bf16 {args.bf16} | from step {step}")
     progress = Progress(args, step, device)
-    while step < args.max_steps:
+    stop = False
+    while step < args.max_steps and not stop:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, args)
-        x_uint8, y = batches.next()
-        total, per_sample, batch = train_step(train_model, embedder, flow, optimizer, params, x_uint8, y,
+        total, per_sample, batch = train_step(train_model, embedder, flow, optimizer, params, *batches.next(),
                                               generator, autocast, args)
         decay = ema_decay_at(step, args)
         update_ema(ema, model, decay)
@@ -319,43 +299,27 @@ def main(args):
         progress.add(step, total, per_sample, batch)
 
         stop = bool(devices.all_reduce(torch.tensor(len(sigterm)), "max", group=control))
-        last = step == args.max_steps or stop
-        save_now = step % args.ckpt_every == 0 or last
+        save_now = step % args.ckpt_every == 0 or step == args.max_steps or stop
         if step % args.log_every == 0 or save_now:  # checked before every save: no poisoned checkpoint
             progress.check_finite(step, params if save_now else None)
-        if step % args.log_every == 0 or last:
-            record, line = progress.record(step)
-            if args.embedding == "learned":  # do the trained class means keep apart? (embeddings.py)
-                record.update(embedder.spread())
-            if master:
-                print(line, flush=True)
-                write_line(log, record)
+            progress.log(step, embedder.spread() if args.embedding == "learned" else {})  # do the means keep apart?
         if save_now:
-            save(last_pt, step, args, stateful, generator)
+            save(step, args, stateful, generator)
             progress.saved_step = step
-            snapshot = os.path.join(args.out, f"step_{step}.pt")
-            if master and step % args.keep_every == 0 and not os.path.exists(snapshot):
-                os.link(last_pt, snapshot)  # a hard link: no second copy on disk
         # Rank-0 work: its errors stop every rank; it leaves the random streams as they were (exact resume).
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             if step % args.sample_every == 0 or step == args.max_steps:  # not on SIGTERM: exit fast
                 devices.on_rank0(lambda: write_samples(ema, ema_embedder, flow, args, step, device, autocast))
             if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-                devices.on_rank0(lambda: write_line(log, evaluate_during_training(ema, ema_embedder, flow, args,
-                                                                                  step, device)))
-        if stop:
-            if master:
-                print(f"SIGTERM: saved step {step} to {last_pt}; continue with --resume")
-            break
-    if master:
-        log.close()
-        print(f"done: {last_pt}")
+                devices.on_rank0(lambda: evaluate_during_training(ema, ema_embedder, flow, args, step, device))
+    if rank == 0:
+        print(f"SIGTERM: saved step {step} to {last_pt}; continue with --resume" if stop else f"done: {last_pt}")
     devices.shutdown()
 
 
-def write_line(log, record):
-    log.write(json.dumps(record) + "\n")
-    log.flush()  # a killed run's log ends with whole lines
+def write_line(out, record):
+    with open(os.path.join(out, "log.jsonl"), "a") as log:  # closed at once: a kill leaves whole lines
+        log.write(json.dumps(record) + "\n")
 
 
 def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
@@ -369,11 +333,10 @@ def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
 
 def evaluate_during_training(ema, ema_embedder, flow, args, step, device):
     from evaluate import evaluate_checkpoint_model
-    result = evaluate_checkpoint_model(ema, ema_embedder, flow, vars(args), num_samples=args.num_samples,
-                                       cfg_scale=1.0, steps=args.sample_steps, solver=args.sample_solver,
-                                       device=device)
+    result = evaluate_checkpoint_model(ema, ema_embedder, flow, vars(args), args.num_samples, cfg_scale=1.0,
+                                       steps=args.sample_steps, solver=args.sample_solver, device=device)
     print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
-    return dict(step=step, eval=result)
+    write_line(args.out, dict(step=step, eval=result))
 
 
 if __name__ == "__main__":
