@@ -6,17 +6,14 @@
 
 The timed step is train.py's (train_step, EMA update) on synthetic uint8 data on the device, at the
 preset's batch: the median over timed windows after warm-up. A configuration that fails (out of memory,
-no compiler) is recorded and the rest measured. Peak memory: max_memory_allocated on a GPU, the growth
-of the peak RSS (VmHWM) on a CPU.
+no compiler) is recorded and the rest measured. Peak memory: max_memory_allocated on a GPU (None on a CPU).
 
     MFU = (FLOPs of forward + backward, FlopCounterMode) / (step time) / (this device's measured GEMM FLOP/s)
 """
 import argparse
 import copy
-import ctypes
 import gc
 import json
-import math
 import statistics
 import time
 from contextlib import nullcontext
@@ -57,34 +54,6 @@ def matmul_tflops(device, dtype, size):
     return 2 * size**3 / median_seconds(lambda: a @ b, device, 3, 3) / 1e12
 
 
-def _proc_status_mb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def memory_mark(device):
-    """Start a peak-memory window; returns the baseline in MB (None where it cannot be measured)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so RSS growth means new memory
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (the peak RSS) to the current RSS
-        return _proc_status_mb("VmRSS")
-    except (OSError, StopIteration):
-        return None
-
-
-def memory_peak(device, baseline):
-    if baseline is None:
-        return None
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else _proc_status_mb("VmHWM")
-    return round(peak - baseline, 1)
-
-
 def build_training(preset, model_name, batch_size, device, bf16, compile, channels_last, dataset=None, seed=0):
     """Everything train.main builds for one step, on `dataset` (uint8 images, labels) or a synthetic
     one of the preset's shape. step() returns the loss, left on the device."""
@@ -121,18 +90,22 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
 
 def count_step_flops(parts, device, batch_size):
     """FLOPs of forward + backward, counted at batch 2 and scaled: every op here is per-sample."""
-    model, args = parts["model"], parts["args"]
-    x_uint8 = torch.zeros(2, *args.data_shape, dtype=torch.uint8, device=device)
+    x_image = torch.zeros(2, *parts["args"].data_shape, device=device)  # the values do not change the count
     y = torch.zeros(2, dtype=torch.long, device=device)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-        loss, _, _ = parts["flow"].loss(model, data.to_unit_range(x_uint8), y, parts["embedder"])
-        loss.backward()
-    model.zero_grad(set_to_none=True)
+        parts["flow"].loss(parts["model"], x_image, y, parts["embedder"])[0].backward()
+    parts["model"].zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2 * batch_size
 
 
-def bench_training(config, device, peak_tflops, warmup, windows, window_seconds):
-    baseline = memory_mark(device)
+def bench_training(config, device, peak_tflops, args):
+    warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
+    cuda = device.type == "cuda"
+    if cuda:  # the peak above what is left allocated: a fresh window per configuration
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
     batch_size = config["batch_size"]
     step, parts = build_training(config["preset"], config["model"], batch_size, device, config["bf16"],
                                  config["compile"], config["channels_last"])
@@ -140,7 +113,7 @@ def bench_training(config, device, peak_tflops, warmup, windows, window_seconds)
         step()
     repeats = max(1, min(100, round(window_seconds / median_seconds(step, device, 1, 1))))
     seconds = median_seconds(step, device, windows, repeats)
-    peak_mem_mb = memory_peak(device, baseline)
+    peak_mem_mb = round((torch.cuda.max_memory_allocated(device) - baseline) / 2**20, 1) if cuda else None
     flops = count_step_flops(parts, device, batch_size)
     peak = peak_tflops["bf16" if config["bf16"] else "fp32"] * 1e12
     return dict(config, img_per_s=batch_size / seconds, step_ms=1000 * seconds, peak_mem_mb=peak_mem_mb,
@@ -179,11 +152,9 @@ def bench_sampling(checkpoint, preset, device, batch_size, windows):
         model, embedder, flow, _ = build_from_checkpoint(load_checkpoint(checkpoint), device)
     else:
         _, parts = build_training(preset, "dit", 1, device, False, False, False)
-        model, embedder, flow = parts["model"].eval(), parts["embedder"], parts["flow"]
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.02 * torch.randn(p.shape, generator=generator).to(device))
+        model, embedder, flow = parts["model"].eval().requires_grad_(False), parts["embedder"], parts["flow"]
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # torch's generator, seeded by build_training
     y = torch.arange(batch_size, device=device) % embedder.num_classes
     z = embedder(y, torch.Generator(device).manual_seed(0))
     rows = []
@@ -193,12 +164,13 @@ def bench_sampling(checkpoint, preset, device, batch_size, windows):
         seconds = median_seconds(sample, device, windows, 1)
         rows.append(dict(solver=solver, steps=DEFAULT_STEPS.get(solver), nfe=nfe, batch_size=batch_size,
                          seconds_per_batch=seconds, img_per_s=batch_size / seconds))
+        print(f"sampling {solver:8s} steps {rows[-1]['steps']} NFE {nfe:3d}: {seconds:.3f} s per batch of {batch_size}")
     return rows
 
 
 def run_benchmarks(args, device):
     """Matmul peaks, sampling, Inception, then the training configurations, each printed as it ends."""
-    deadline = time.time() + args.time_budget if args.time_budget else math.inf
+    deadline = time.time() + args.time_budget if args.time_budget else float("inf")
     cuda = device.type == "cuda"
     size = 8192 if cuda else (512 if args.quick else 1024)
     windows = 1 if args.quick else 3
@@ -211,9 +183,6 @@ def run_benchmarks(args, device):
           + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report["matmul_tflops"].items()))
     report["sampling"] = bench_sampling(args.checkpoint, "tiny" if args.quick else "mnist", device,
                                         256 if cuda else 2 if args.quick else 16, windows)
-    for row in report["sampling"]:
-        print(f"sampling {row['solver']:8s} steps {row['steps']} NFE {row['nfe']:3d}: "
-              f"{row['seconds_per_batch']:.3f} s per batch of {row['batch_size']}")
     # Inception's speed does not depend on its weights: a fresh one needs no download.
     fid_inception = inception.for_inference(inception.FIDInceptionV3(), device)
     images = torch.randint(0, 256, (200 if cuda else 2 if args.quick else 8, 1, 32, 32), dtype=torch.uint8)
@@ -222,7 +191,6 @@ def run_benchmarks(args, device):
     seconds = median_seconds(features, device, windows, 1)
     report["inception"] = dict(batch_size=len(images), img_per_s=len(images) / seconds)
     print(f"FID Inception features: {report['inception']['img_per_s']:.1f} img/s")
-    warmup, windows, window_seconds = (1, 2, 0.0) if args.quick else (3, args.windows, args.window_seconds)
     # Eager first: a --time-budget cuts the compiled configurations.
     configs = [dict(preset=preset, model=model, bf16=bf16, compile=compile, channels_last=channels_last,
                     batch_size=args.batch_size or {**train.REFERENCE, **train.TRAIN_PRESETS[preset]}["batch_size"])
@@ -231,15 +199,14 @@ def run_benchmarks(args, device):
     for config in configs:
         if time.time() > deadline - (60 if config["compile"] else 3):
             report["skipped"].append(config)
-            continue
-        try:
-            report["training"].append(bench_training(config, device, report["matmul_tflops"], warmup, windows,
-                                                     window_seconds))
-            print(format_row(report["training"][-1]), flush=True)
-        except Exception as error:
-            report["failed"].append(dict(config, error=f"{type(error).__name__}: {error}"[:500]))
-            print(f"failed: {config}: {type(error).__name__}: {error}"[:300], flush=True)
-        write_json(report, args.json)
+        else:
+            try:
+                report["training"].append(bench_training(config, device, report["matmul_tflops"], args))
+                print(format_row(report["training"][-1]), flush=True)
+            except Exception as error:
+                report["failed"].append(dict(config, error=f"{type(error).__name__}: {error}"[:500]))
+                print(f"failed: {config}: {type(error).__name__}: {error}"[:300], flush=True)
+        write_json(report, args.json)  # after every configuration: a crash keeps the rows before it
     return report
 
 
@@ -284,7 +251,6 @@ def main():
     report = run_benchmarks(args, device)
     if report["skipped"]:
         print(f"{len(report['skipped'])} configurations skipped by --time-budget")
-    write_json(report, args.json)
     print(f"wrote {args.json}")
 
 

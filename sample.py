@@ -42,9 +42,8 @@ def load_test_set(args, data_dir=None):
 @torch.no_grad()
 def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8, seed=0,
                   sharded=False, **kw):
-    """Generate num_per_class images for each class; one row per class. Returns (images, labels, nfe).
-    kw: the sampler (solver, steps, time_grid, cfg_scale of flow.integrate). With sharded=True (under
-    torchrun) the processes split the work; only rank 0 writes."""
+    """num_per_class images of each class, a row per class; kw: flow.integrate's sampler. With sharded=True
+    (under torchrun) the processes split the work and rank 0 writes. Returns (images, labels, nfe)."""
     classes = list(range(args["num_classes"])) if classes is None else classes
     y = torch.tensor(classes, device=device).repeat_interleave(num_per_class)
     z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
@@ -62,16 +61,14 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
     test_images, test_labels = load_test_set(args, data_dir)
     grid = torch.cat([torch.nonzero(test_labels == c)[:num_per_class, 0] for c in range(args["num_classes"])])
     scored = grid if num_samples is None else torch.arange(min(num_samples, len(test_labels)))
-    picked = torch.cat([grid, scored])
-    x_image = data.to_unit_range(test_images[picked]).to(device)
-    labels = test_labels[picked].to(device)
+    x_image = data.to_unit_range(test_images[torch.cat([grid, scored])]).to(device)
     latents, _ = run_sharded(lambda images: (torch.cat([flow.i2c(model, embedder, chunk, **kw)[0]
                                                         for chunk in images.split(500)]), 0), x_image, sharded=sharded)
     n_grid = len(grid)
     pairs = torch.stack([x_image[:n_grid], latents[:n_grid].to(x_image.dtype)], dim=1).flatten(0, 1)
     if is_main_process():
         save_image(to_pixels(pairs), path, nrow=2 * num_per_class, padding=1)
-    latents, labels = latents[n_grid:], labels[n_grid:]
+    latents, labels = latents[n_grid:], test_labels[scored].to(device)
     return i2c_accuracy(*embedder.decode(latents), labels, args["num_classes"]), latents, labels
 
 
@@ -115,13 +112,9 @@ def parse_class_expression(expression, class_names, num_classes):
 
 def mixed_latents(embedder, classes, weights, eps):
     """Class latents of weighted class means, sharing their noise:
-
         z = sum_k w_k m_k + sigma * eps,    sigma = sum_k |w_k| sigma_k / sum_k |w_k|
-
     for each row of weights (F, k) and each noise eps (R, C, H, W): (R * F, C, H, W), noise-major. sigma_k
     is std_scale (or the learned per-pixel std): a row with one weight 1 is that class's plain latent."""
-    if embedder.kind == "noise":
-        raise ValueError("a 'noise' source has no class latents to interpolate or combine")
     means = embedder.means.detach()[classes]
     stds = (torch.exp(0.5 * embedder.logvar.detach()[classes]) if embedder.kind == "learned"
             else torch.full_like(means, embedder.std_scale))
@@ -144,9 +137,8 @@ def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, num_rows
     """C2I along the straight line z(a) = (1 - a) m_A + a m_B + sigma eps, a = 0 .. 1 in num_frames
     frames, one row per noise draw. Returns (images (num_rows * num_frames, C, H, W), nfe)."""
     a = torch.linspace(0, 1, num_frames)
-    weights = torch.stack([1 - a, a], dim=1)
-    classes = torch.tensor([class_a, class_b], device=device)
-    z = mixed_latents(embedder, classes, weights, class_noise(embedder, num_rows, seed, device))
+    z = mixed_latents(embedder, [class_a, class_b], torch.stack([1 - a, a], dim=1),
+                      class_noise(embedder, num_rows, seed, device))
     # No class ids: only standard CFG reads them, and its noise source has no means to mix.
     return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
 
@@ -155,10 +147,8 @@ def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, num_rows
 def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", sharded=False, **kw):
     """C2I of each term's class and of sum_k sign_k m_k, all with the same noise: a row per noise
     draw, [class 1, ..., class n, result]. Returns (images (num_rows * (n + 1), C, H, W), nfe)."""
-    signs = torch.tensor([float(s) for s, _ in terms])
-    weights = torch.cat([torch.eye(len(terms)), signs[None]])
-    classes = torch.tensor([c for _, c in terms], device=device)
-    z = mixed_latents(embedder, classes, weights, class_noise(embedder, num_rows, seed, device))
+    weights = torch.cat([torch.eye(len(terms)), torch.tensor([[float(s) for s, _ in terms]])])
+    z = mixed_latents(embedder, [c for _, c in terms], weights, class_noise(embedder, num_rows, seed, device))
     return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
 
 
@@ -204,7 +194,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--direction", default="c2i", choices=("c2i", "i2c"))
-    p.add_argument("--classes", type=int, nargs="+", help="C2I: which classes (default: all)")
+    p.add_argument("--classes", nargs="+", help="C2I: which classes, ids or names (default: all)")
     p.add_argument("--num-per-class", type=int, default=8)
     p.add_argument("--num-samples", type=int, default=1000, help="I2C: test images to score")
     p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS, help="default: %(default)s, 8 steps on 'ends'")
@@ -224,39 +214,37 @@ def main():
     extra.add_argument("--export", metavar="PATH", help="write the EMA weights alone in fp16 (for sampling only)")
     p.add_argument("--num-frames", type=int, default=10, help="--interpolate / --trajectory frames")
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
-    p.add_argument("--save-tensors", action="store_true", help="also write the raw float samples to OUT with .pt")
     args = p.parse_args()
     if (args.steps is not None and args.steps <= 0) or args.num_per_class <= 0 or args.num_rows <= 0:
         p.error("--steps, --num-per-class and --num-rows must be positive")
     if args.num_frames < 2:
         p.error("--num-frames must be at least 2 (the two end points)")
     _, _, device = devices.setup(args.device)
-    run(args, device, p)
+    run(args, device)
     devices.shutdown()  # run_main does it on an error
 
 
-def run(args, device, parser):
+def run(args, device):
     ckpt = load_checkpoint(args.checkpoint)
     if args.export:
         export_ema(ckpt, args.export)
         return print(f"wrote {args.export} (EMA weights of step {ckpt['step']} in fp16)")
     train_args = ckpt["args"]  # user mistakes are found from the args alone, before any model is built
     num_classes, class_names = train_args["num_classes"], data.CLASS_NAMES[train_args["dataset"]]
-    bad = [c for c in args.classes or [] if not 0 <= c < num_classes]
-    if bad:
-        parser.error(f"--classes {bad} out of range: this model has classes 0..{num_classes - 1}")
+    classes = [parse_class(c, class_names, num_classes) for c in args.classes] if args.classes else None
     what = ("interpolate" if args.interpolate else "arithmetic" if args.arithmetic else
             "trajectory" if args.trajectory else args.direction)
-    if what == "i2c" and train_args["embedding"] == "noise":
-        raise ValueError(f"{args.checkpoint} is a noise-source model (--embedding noise): it has no image -> class "
-                         "direction; use --direction c2i")
+    if what in ("i2c", "interpolate", "arithmetic") and train_args["embedding"] == "noise":
+        raise ValueError(f"{args.checkpoint} is a noise-source model (--embedding noise): it has no class means to "
+                         "mix and no image -> class direction; use --direction c2i")
     model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
     out = args.out or f"{os.path.splitext(args.checkpoint)[0]}_{what}.png"
     stem = os.path.splitext(out)[0]
     sharded, main_process = devices.world_size() > 1, is_main_process()
     if main_process:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    kw = dict(steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale, time_grid=args.time_grid)
+    kw = dict(device=device, sharded=sharded, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale,
+              time_grid=args.time_grid)
     if what == "i2c" and args.i2c_decoder == "readout":
         kw.update(READOUT)
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
@@ -267,51 +255,42 @@ def run(args, device, parser):
     def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
         passes = network_passes(nfe, args.cfg_scale)
         return f"{nfe} NFE" + (f" = {passes} network passes per image" if passes != nfe else "")
-    tensors_path = stem + ".pt" if args.save_tensors else None
     if what == "interpolate":
         class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
         images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_frames, args.num_rows, args.seed,
-                                  device, sharded, **kw)
-        saved = dict(images=images, classes=torch.tensor([class_a, class_b]))
+                                  **kw)
         message = f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_frames} frames, {cost(nfe)} each)"
     elif what == "arithmetic":
         terms = parse_class_expression(args.arithmetic, class_names, num_classes)
-        images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, device, sharded, **kw)
-        saved = dict(images=images, classes=torch.tensor([c for _, c in terms]),
-                     signs=torch.tensor([s for s, _ in terms]))
+        images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, **kw)
         formula = " ".join(f"{'+' if s > 0 else '-'} m_{c}" for s, c in terms).lstrip("+ ")
         message = f"wrote {out} (C2I of each class, then of {formula}; {cost(nfe)})"
     elif what == "trajectory":
-        classes = args.classes or list(range(min(num_classes, 10)))
-        c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_frames, args.seed, device,
-                                     args.data_dir, sharded, **kw)
-        saved = dict(c2i=c2i, classes=torch.tensor(classes), **({} if i2c is None else dict(i2c=i2c)))
+        classes = classes or list(range(min(num_classes, 10)))
+        c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_frames, args.seed,
+                                     data_dir=args.data_dir, **kw)
         message = (f"wrote {out} and {stem}.gif ({len(classes)} trajectories per direction, {args.num_frames} "
                    f"frames, {cost(nfe)})")
     elif what == "c2i":
-        images, labels, nfe = save_c2i_grid(model, embedder, flow, train_args, out, device, args.classes,
-                                            args.num_per_class, args.seed, sharded, **kw)
-        saved = dict(images=images, labels=labels)
+        nfe = save_c2i_grid(model, embedder, flow, train_args, out, classes=classes, num_per_class=args.num_per_class,
+                            seed=args.seed, **kw)[2]
         message = f"wrote {out} (C2I, {args.solver} {cost(nfe)}, cfg {args.cfg_scale})"
     else:
-        scores, latents, labels = save_i2c_grid(model, embedder, flow, train_args, out, device,
-                                                min(args.num_per_class, 8), args.num_samples, args.data_dir, sharded,
-                                                **kw)
+        scores, latents, labels = save_i2c_grid(model, embedder, flow, train_args, out, num_samples=args.num_samples,
+                                                num_per_class=min(args.num_per_class, 8), data_dir=args.data_dir, **kw)
         pred_l2, pred_cos = embedder.decode(latents)
-        saved = dict(latents=latents, labels=labels, pred_l2=pred_l2, pred_cos=pred_cos)
-        tensors_path = stem + "_latents.pt"  # always: these are what I2C computes
+        saved = dict(latents=latents, labels=labels, pred_l2=pred_l2, pred_cos=pred_cos)  # what I2C computes
         decoder = "t = 0 read-out" if args.i2c_decoder == "readout" else f"{kw['solver']} ODE"
         message = (f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
-                   f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs)")
+                   f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs)\nwrote {stem}_latents.pt")
     if main_process:
         if what in ("interpolate", "arithmetic"):  # a strip per noise draw
             save_image(to_pixels(images), out, nrow=len(images) // args.num_rows, padding=1)
         elif what == "trajectory":
             save_trajectory(c2i, i2c, out, stem + ".gif")
+        elif what == "i2c":
+            torch.save({k: v.cpu() for k, v in saved.items()}, stem + "_latents.pt")
         print(message)
-        if tensors_path:
-            torch.save({k: v.cpu() for k, v in saved.items()}, tensors_path)
-            print(f"wrote {tensors_path}")
 
 
 if __name__ == "__main__":

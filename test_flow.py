@@ -1415,8 +1415,9 @@ def test_bench_quick_runs_and_reports_every_field(tmp_path):
     assert {(r["model"], r["channels_last"]) for r in report["training"]} == {
         ("dit", False), ("unet", True), ("unet", False)}
     for row in report["training"]:
-        for key in ("img_per_s", "step_ms", "gflop_per_step", "mfu", "peak_mem_mb"):
+        for key in ("img_per_s", "step_ms", "gflop_per_step", "mfu"):
             assert row[key] is not None and math.isfinite(row[key]) and row[key] > 0, (key, row)
+        assert (row["peak_mem_mb"] is None) == (report["device"] == "cpu")  # measured on a GPU only
         assert row["batch_size"] == 4 and not row["compile"]
     assert [r["solver"] for r in report["sampling"]] == list(SOLVERS)
     assert all(r["nfe"] > 0 and r["seconds_per_batch"] > 0 for r in report["sampling"])
@@ -1596,17 +1597,15 @@ def test_shipped_mnist_checkpoint_samples_a_grid_and_reads_classes_off_real_digi
 
 def test_two_processes_give_the_same_c2i_samples_as_one(run, tmp_path):
     processes = start_two_ranks("sample.py", run["path"], "--num-per-class", 3, "--steps", 3, "--solver", "euler",
-                                "--seed", 4, "--save-tensors", "--device", "cpu", "--out", tmp_path / "c2i.png",
-                                folder=tmp_path)
+                                "--seed", 4, "--device", "cpu", "--out", tmp_path / "c2i.png", folder=tmp_path)
     assert wait_all(processes) == [0, 0], (tmp_path / "stderr0").read_text()[-2000:]
-    assert (tmp_path / "stdout0").read_text().count("wrote") == 2  # rank 0 only: the PNG and the tensors
+    assert (tmp_path / "stdout0").read_text().count("wrote") == 1  # rank 0 only
     assert (tmp_path / "stdout1").read_text() == ""
-    sharded = torch.load(tmp_path / "c2i.pt", weights_only=True)
-    single, labels, _ = sample.save_c2i_grid(run["model"], run["embedder"], run["flow"], run["args"],
-                                             tmp_path / "single.png", num_per_class=3, seed=4, **STEPS)
-    assert sharded["images"].shape == (30, 1, 32, 32)
-    assert torch.equal(sharded["labels"], labels)
-    assert torch.allclose(sharded["images"], single, atol=1e-5)
+    sample.save_c2i_grid(run["model"], run["embedder"], run["flow"], run["args"], tmp_path / "single.png",
+                         num_per_class=3, seed=4, **STEPS)
+    sharded, single = (np.asarray(Image.open(tmp_path / name), dtype=int) for name in ("c2i.png", "single.png"))
+    assert sharded.shape == single.shape == (10 * 33 + 1, 3 * 33 + 1, 3)  # a row per class, 3 per row
+    assert np.abs(sharded - single).max() <= 1  # the same images: floats 1e-5 apart may round to 8 bits apart
 
 
 @pytest.mark.parametrize("world", [3, 8])
