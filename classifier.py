@@ -18,9 +18,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels, num_classes, width=24):
         super().__init__()
-        def stage(c_in, c_out, kernel_size):
-            return [nn.Conv2d(c_in, c_out, kernel_size, stride=2, padding=kernel_size // 2),
-                    nn.BatchNorm2d(c_out), nn.ReLU()]
+        def stage(c_in, c_out, k):  # a k x k stride-2 convolution halves the image
+            return [nn.Conv2d(c_in, c_out, k, stride=2, padding=k // 2), nn.BatchNorm2d(c_out), nn.ReLU()]
         self.net = nn.Sequential(*stage(in_channels, width, 5), *stage(width, 2 * width, 3),
                                  *stage(2 * width, 4 * width, 3), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                                  nn.Dropout(0.2), nn.Linear(64 * width, num_classes))
@@ -29,27 +28,23 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-def train_classifier(images, labels, test_images, test_labels, num_classes, epochs=3, batch_size=128,
-                     seed=0, device='cpu'):
-    """Adam on the real training set (uint8 images), one-cycle learning rate. -> (model, test_accuracy)."""
+def train_classifier(train, test, num_classes, epochs=3, batch_size=128, seed=0, device='cpu'):
+    """Adam, one-cycle learning rate, on train = (uint8 images, labels). -> (model, its accuracy on test)."""
+    images, labels = train
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], num_classes).to(device)
-    steps = epochs * (len(images) // batch_size)
+    batches = len(images) // batch_size  # per epoch, whole batches only
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps)
-    model.train()
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=epochs * batches)
     threads = torch.get_num_threads()
-    if torch.device(device).type == 'cpu':
-        # Ops this small parallelise badly: on a shared 2-core CPU one thread trained 2.5x faster than two.
-        torch.set_num_threads(1)
+    # Ops this small parallelise badly: on a shared 2-core CPU one thread trained 2.5x faster than two.
+    torch.set_num_threads(1)
     try:
         with torch.enable_grad():  # also when first needed inside a no_grad evaluation
             for _ in range(epochs):
-                order = torch.randperm(len(images), generator=generator)
-                for idx in order[:len(order) // batch_size * batch_size].split(batch_size):  # whole batches
-                    x = images[idx].to(device).float() / 127.5 - 1
-                    loss = F.cross_entropy(model(x), labels[idx].to(device))
+                for idx in torch.randperm(len(images), generator=generator)[:batches * batch_size].split(batch_size):
+                    loss = F.cross_entropy(model(data.to_unit_range(images[idx].to(device))), labels[idx].to(device))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -57,7 +52,7 @@ def train_classifier(images, labels, test_images, test_labels, num_classes, epoc
     finally:
         torch.set_num_threads(threads)
     model.eval()
-    return model, accuracy(classify(model, test_images.float() / 127.5 - 1), test_labels, num_classes)[0]
+    return model, accuracy(classify(model, data.to_unit_range(test[0])), test[1], num_classes)[0]
 
 
 @torch.no_grad()
@@ -69,20 +64,16 @@ def classify(classifier, images, batch_size=500):
 
 
 def load_classifier(dataset, data_dir, device='cpu', image_size=32):
-    """The C2I judge for `dataset` from cache_dir()/classifier_<dataset>_<size>.pt, trained and cached on
-    first use; `.test_accuracy` is its accuracy on the real test split."""
+    """The C2I judge for `dataset`, trained and cached on first use; `.test_accuracy`: on the real test split."""
     path = cache_dir() / f'classifier_{dataset}_{image_size}.pt'
     if path.is_file():
         saved = torch.load(path, map_location='cpu', weights_only=True)
     else:
-        images, labels = data.load_dataset(dataset, 'train', data_dir, image_size)
-        test_images, test_labels = data.load_dataset(dataset, 'test', data_dir, image_size)
-        model, test_accuracy = train_classifier(images, labels, test_images, test_labels,
-                                                data.num_classes(dataset), device=device)
-        saved = {'state': {k: v.cpu() for k, v in model.state_dict().items()}, 'test_accuracy': test_accuracy,
-                 'in_channels': images.shape[1], 'num_classes': data.num_classes(dataset)}
+        train, test = (data.load_dataset(dataset, split, data_dir, image_size) for split in ('train', 'test'))
+        model, test_accuracy = train_classifier(train, test, data.num_classes(dataset), device=device)
+        saved = {'state': {k: v.cpu() for k, v in model.state_dict().items()}, 'test_accuracy': test_accuracy}
         atomic_write(path, lambda f: torch.save(saved, f))
-    model = SmallCNN(saved['in_channels'], saved['num_classes'])
+    model = SmallCNN(data.dataset_shape(dataset, image_size)[0], data.num_classes(dataset))
     model.load_state_dict(saved['state'])
     model.test_accuracy = saved['test_accuracy']
     return model.eval().requires_grad_(False).to(device)

