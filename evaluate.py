@@ -6,21 +6,18 @@
     python evaluate.py --dataset mnist --ref-split test --num-real 500 --save-stats stats.npz   # statistics alone
     python evaluate.py runs/demo/last.pt --ref-stats stats.npz          # FID against a statistics file
 A table on stdout; per checkpoint CKPT.eval.json (metrics, protocol, confusion matrices) and CKPT_confusion.png
-(the first setting's). Every setting starts from the same class latents and test images, so settings differ
-only by their integration error.
+(the first setting's). All settings start from the same class latents and test images: only integration error differs.
 
 Features phi(x) in R^2048: the FID InceptionV3 (inception.py) of 8-bit images, real and generated alike.
 With mu, Sigma the mean and (N - 1)-normalised covariance of each set's features,
     FID = |mu_r - mu_g|^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2)).
 Reals: at most --num-real (default --num-samples) class-balanced images of --ref-split (default test); CIFAR-10's
-usual protocol is 50,000 samples against the training set (--ref-split train --num-samples 50000 --num-real
-50000). Statistics files (--save-stats, --ref-stats): np.savez of mu (2048,) and sigma (2048, 2048) float64.
-pytorch-fid's (--save-stats) and clean-fid's legacy_pytorch mode's (np.savez_compressed) measure what ours do:
-the same network (pytorch-fid's port of the TF 2015-12-05 Inception), resize (bilinear to 299, no antialias),
-pool3 features and covariance (N - 1). clean-fid's legacy_tensorflow mode feeds the same weights (x - 128) / 128
-(close, not equal); its 'clean' mode resizes bicubic with antialias (not comparable). The images must match
-too: ours are the split as the models see it (MNIST padded to 32x32). Statistics hold no features: with
---ref-stats, precision and recall are None.
+usual protocol: --ref-split train --num-samples 50000 --num-real 50000. Statistics files (--save-stats,
+--ref-stats): np.savez of mu (2048,) and sigma (2048, 2048) float64, no features (with --ref-stats, P/R are None).
+pytorch-fid's files and clean-fid's legacy_pytorch ones are comparable: the same network (pytorch-fid's port of
+the TF 2015-12-05 Inception), resize (bilinear to 299, no antialias), pool3 and covariance (N - 1). clean-fid's
+legacy_tensorflow mode feeds it (x - 128) / 128 (close, not equal); its 'clean' mode resizes bicubic with
+antialias (not comparable). The images must match too: ours are the split as the models see it (MNIST padded to 32x32).
 
 Precision / recall (Kynkaanniemi et al. 2019): each feature gets a ball of radius the distance to its
 k-th nearest neighbour in its own set (itself excluded); then
@@ -75,26 +72,17 @@ def load_stats(path, dim=2048):
     return mu, sigma
 
 
-def _restrict_to_joint_support(sigma1, sigma2):
-    """With fewer samples than dimensions both covariances vanish outside the span of their samples: in an
-    orthonormal basis B of range(sigma1 + sigma2), sigma_i = B sigma_i' B^T, so Tr (sigma1 sigma2)^(1/2) =
-    Tr (sigma1' sigma2')^(1/2) exactly, and sqrtm runs on r x r instead of D x D (seconds per FID)."""
-    eigenvalues, vectors = np.linalg.eigh(sigma1 + sigma2)
-    keep = eigenvalues > eigenvalues.max() * len(eigenvalues) * np.finfo(np.float64).eps
-    if keep.all() or not keep.any():  # full rank (the usual 10k-sample case), or both zero
-        return sigma1, sigma2
-    basis = vectors[:, keep]
-    return basis.T @ sigma1 @ basis, basis.T @ sigma2 @ basis
-
-
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """|mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)) as a Python float."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2
-    diff = mu1 - mu2
-    all_but_cross_term = diff @ diff + np.trace(sigma1) + np.trace(sigma2)
-    sigma1, sigma2 = _restrict_to_joint_support(sigma1, sigma2)
+    mu1, sigma1, mu2, sigma2 = (np.asarray(a, np.float64) for a in (mu1, sigma1, mu2, sigma2))
+    all_but_cross_term = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+    # Fewer samples than dimensions: in an orthonormal basis B of range(sigma1 + sigma2), sigma_i = B sigma_i' B^T and
+    # Tr (sigma1 sigma2)^(1/2) = Tr (sigma1' sigma2')^(1/2) exactly: sqrtm runs on r x r, not D x D (seconds per FID).
+    eigenvalues, vectors = np.linalg.eigh(sigma1 + sigma2)
+    keep = eigenvalues > eigenvalues.max() * len(eigenvalues) * np.finfo(np.float64).eps
+    if keep.any() and not keep.all():  # else full rank (the usual 10k-sample case), or both zero
+        basis = vectors[:, keep]
+        sigma1, sigma2 = basis.T @ sigma1 @ basis, basis.T @ sigma2 @ basis
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # A singular product can break sqrtm: regularise both sides (pytorch-fid's guard).
@@ -110,12 +98,6 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     return float(all_but_cross_term - 2 * np.trace(covmean))
 
 
-def _blockwise(queries, centres, block_size, reduce):
-    """reduce(distances of a block of queries to every centre, the block's start) over the blocks, joined."""
-    return torch.cat([reduce(torch.cdist(queries[start:start + block_size], centres), start)
-                      for start in range(0, len(queries), block_size)])
-
-
 def precision_recall(real_features, fake_features, k=3, block_size=1024):
     """(precision, recall) with k-NN balls; memory is O(block_size * N), so 50k x 50k fits in ~1 GB."""
     real, fake = (torch.as_tensor(np.asarray(f)) for f in (real_features, fake_features))
@@ -123,15 +105,15 @@ def precision_recall(real_features, fake_features, k=3, block_size=1024):
     if min(len(real), len(fake)) <= k:
         raise ValueError(f'precision/recall with k={k} needs more than k points in each set')
 
-    def kth_neighbour(d, start):
-        rows = torch.arange(len(d))
-        d[rows, rows + start] = float('inf')  # a point is not its own neighbour
-        return d.kthvalue(k, dim=1).values
-
     def covered(queries, centres):  # the fraction of queries inside at least one ball of the centres
-        radii = _blockwise(centres, centres, block_size, kth_neighbour)
-        inside = _blockwise(queries, centres, block_size, lambda d, _: (d <= radii).any(dim=1))
-        return inside.sum().item() / len(queries)
+        radii = []
+        for start in range(0, len(centres), block_size):
+            d = torch.cdist(centres[start:start + block_size], centres)
+            d.diagonal(start).fill_(float('inf'))  # a point is not its own neighbour
+            radii.append(d.kthvalue(k, dim=1).values)
+        radii = torch.cat(radii)
+        inside = sum(int((torch.cdist(q, centres) <= radii).any(dim=1).sum()) for q in queries.split(block_size))
+        return inside / len(queries)
     return covered(fake, real), covered(real, fake)
 
 
@@ -161,9 +143,8 @@ def reference_features(dataset, data_dir, image_size, count, fid_inception, spli
     images, labels = data.load_dataset(dataset, split, data_dir, image_size)
     indices = balanced_subset(labels, count)
     features = inception.inception_features(fid_inception, images[indices], batch_size)
-    mu, sigma = feature_stats(features)
-    reference = dict(features=features, labels=labels[indices], indices=indices,
-                     mu=torch.from_numpy(mu), sigma=torch.from_numpy(sigma))
+    mu, sigma = (torch.from_numpy(stat) for stat in feature_stats(features))
+    reference = dict(features=features, labels=labels[indices], indices=indices, mu=mu, sigma=sigma)
     atomic_write(path, lambda f: torch.save(reference, f))
     return reference
 
@@ -174,8 +155,7 @@ _load_classifier = functools.lru_cache(maxsize=4)(load_classifier)
 
 
 def sampler_settings(solvers, steps=None, time_grids=None):
-    """(solver, steps, time_grid) for every combination, in order, each once; None takes the solver's default.
-    dopri5 chooses its own steps: once."""
+    """(solver, steps, time_grid) of every combination in order, each once; None: the solver's default; dopri5 once."""
     settings = [('dopri5', None, None) if solver == 'dopri5' else
                 (solver, n or DEFAULT_STEPS[solver], grid or DEFAULT_TIME_GRID[solver])
                 for solver in solvers for grid in time_grids or [None] for n in steps or [None]]
@@ -186,14 +166,9 @@ def sampler_settings(solvers, steps=None, time_grids=None):
 def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scale, steps, solver, device,
                               k=3, seed=0, data_dir=None, batch_size=500, inception_weights=None, time_grid=None,
                               ref_split='test', num_real=None, ref_stats=None):
-    """All metrics of one model at one sampler setting (None: the solver's default), as a JSON-ready dict.
-
-    C2I: num_samples images of classes y = i mod K from class latents drawn with `seed`; FID against
-    reference_features(at most num_real, default num_samples, images of ref_split) or the statistics file
-    ref_stats; precision/recall (overall and per class) against those features (None with ref_stats); the
-    classifier's agreement with y. I2C: min(num_samples, test size) test images, decoded by nearest class
-    mean. Confusion matrices of both. `args`: the training args.
-    """
+    """All metrics of one model at one sampler setting (None: the solver's default), as a JSON-ready dict:
+    num_samples samples of classes i mod K from class latents drawn with `seed`, judged as the module docstring
+    says (P/R overall and per class), and the confusion matrices. `args`: the training args."""
     dataset, image_size, num_classes = args['dataset'], args['image_size'], args['num_classes']
     data_dir = str(data_dir or args['data_dir'])
     fid_inception = _load_inception(str(device), inception_weights)
@@ -218,7 +193,7 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
     seconds_c2i = time.time() - start
 
     fake = inception.inception_features(fid_inception, images, batch_size)
-    mu, sigma = feature_stats(fake)
+    fid = frechet_distance(reference['mu'], reference['sigma'], *feature_stats(fake))
     real = reference['features']
     precision, recall, per_class = None, None, [(None, None)] * num_classes
     if real is not None:
@@ -227,10 +202,8 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
         per_class = [precision_recall(r, f, k) if min(len(r), len(f)) > k else (None, None) for r, f in per_class]
     result = dict(num_samples=num_samples, ref_split=None if ref_stats else ref_split,
                   num_reference=None if real is None else len(real), ref_stats=ref_stats, cfg_scale=cfg_scale,
-                  steps=steps, solver=solver, time_grid=time_grid, k=k,
-                  fid=frechet_distance(reference['mu'], reference['sigma'], mu, sigma),
-                  precision=precision, recall=recall, per_class_precision=[p for p, _ in per_class],
-                  per_class_recall=[r for _, r in per_class],
+                  steps=steps, solver=solver, time_grid=time_grid, k=k, fid=fid, precision=precision, recall=recall,
+                  per_class_precision=[p for p, _ in per_class], per_class_recall=[r for _, r in per_class],
                   **c2i_class_accuracy(classifier, images, y), classifier_test_acc=classifier.test_accuracy,
                   nfe_c2i=nfe_c2i, network_passes_c2i=network_passes(nfe_c2i, cfg_scale), seconds_c2i=seconds_c2i)
 
@@ -245,10 +218,9 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
                 x_class, nfe_i2c = flow.i2c(model, embedder, chunk.to(device), **decoder)
                 predictions.append(torch.stack(embedder.decode(x_class)).cpu())
             predictions = torch.cat(predictions, dim=1)
-            scores = i2c_accuracy(*predictions, labels, num_classes)
+            scores = dict(i2c_accuracy(*predictions, labels, num_classes),
+                          i2c_confusion_l2=confusion_matrix(labels, predictions[0], num_classes), nfe_i2c=nfe_i2c)
             result.update({key.replace('i2c', prefix, 1): value for key, value in scores.items()})
-            result[f'{prefix}_confusion_l2'] = confusion_matrix(labels, predictions[0], num_classes)
-            result[f'nfe_{prefix}'] = nfe_i2c
         result['seconds_i2c'] = time.time() - start
     result['seconds'] = time.time() - overall_start
     return result
@@ -302,11 +274,6 @@ def get_args(argv=None):
     return args
 
 
-HEADER = (f"{'checkpoint':20} {'real':>12} {'samples':>7} {'cfg':>4} {'solver':>8} {'steps':>5} {'grid':>7} "
-          f"{'NFE':>4} {'passes':>6} {'FID':>8} {'P %':>6} {'R %':>6} {'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} "
-          f"{'t=0 l2':>6} {'seconds':>8}")
-
-
 def _format_row(name, r):
     def pct(v):
         return '   -  ' if v is None else f'{100 * v:6.2f}'
@@ -324,11 +291,12 @@ def main(args):
         reference = reference_features(spec['dataset'], args.data_dir or spec['data_dir'] or 'data', spec['image_size'],
                                        args.num_real or (args.num_samples if args.checkpoints else None),
                                        _load_inception(args.device, args.inception), args.ref_split, args.batch_size)
-        mu, sigma = reference['mu'].numpy(), reference['sigma'].numpy()  # float64: pytorch-fid's np.savez
-        atomic_write(args.save_stats, lambda f: np.savez(f, mu=mu, sigma=sigma))
+        atomic_write(args.save_stats, lambda f: np.savez(f, mu=reference['mu'], sigma=reference['sigma']))  # float64
         print(f"wrote {args.save_stats}: {spec['dataset']} {args.ref_split}, {len(reference['features'])} images")
     if args.checkpoints:
-        print(HEADER)
+        print(f"{'checkpoint':20} {'real':>12} {'samples':>7} {'cfg':>4} {'solver':>8} {'steps':>5} {'grid':>7} "
+              f"{'NFE':>4} {'passes':>6} {'FID':>8} {'P %':>6} {'R %':>6} {'C2I %':>6} {'I2C l2':>6} {'I2C cs':>6} "
+              f"{'t=0 l2':>6} {'seconds':>8}")
     for path in args.checkpoints:
         ckpt = load_checkpoint(path)
         model, embedder, flow, train_args = build_from_checkpoint(ckpt, args.device)

