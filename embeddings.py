@@ -45,13 +45,10 @@ def grayscale_means(num_classes, shape):
 def _gaussian_blur(x, sigma, kernel_size=7):
     coords = torch.arange(kernel_size, dtype=torch.float32) - (kernel_size - 1) / 2
     k1d = torch.exp(-coords**2 / (2 * sigma**2))
-    k1d = k1d / k1d.sum()
-    channels = x.shape[1]
-    kx = k1d.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
-    ky = k1d.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
+    kernel = torch.outer(k1d, k1d) / k1d.sum() ** 2
     # Zero padding: the background of a rectangle latent is 0, so blurring into the border is exact.
-    x = F.conv2d(F.pad(x, (kernel_size // 2,) * 2 + (0, 0)), kx, groups=channels)
-    return F.conv2d(F.pad(x, (0, 0) + (kernel_size // 2,) * 2), ky, groups=channels)
+    weight = kernel.expand(x.shape[1], 1, kernel_size, kernel_size)
+    return F.conv2d(x, weight, padding=kernel_size // 2, groups=x.shape[1])
 
 
 def rectangle_codes(channels):
@@ -139,8 +136,7 @@ class ClassEmbedder(nn.Module):
 
     def __init__(self, means, std_scale=1.0, kind="rectangle"):
         super().__init__()
-        self.kind = kind
-        self.std_scale = std_scale
+        self.kind, self.std_scale = kind, std_scale
         if kind == "learned":
             self.means = nn.Parameter(means.float().clone())
             logvar = math.log(max(std_scale, 1e-3) ** 2)

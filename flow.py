@@ -82,12 +82,11 @@ class Flow:
             raise ValueError(f"--lambda-b must lie in [0, 1], got {lambda_b}")
         if not 0 <= cfg_dropout < 1:
             raise ValueError(f"--cfg-dropout must lie in [0, 1), got {cfg_dropout}")
-        self.mode, self.lambda_b, self.cfg_dropout = mode, lambda_b, cfg_dropout
-        self.ln, self.ln_loc, self.ln_scale, self.si_scale = ln, ln_loc, ln_scale, si_scale
         if i2c_time_power <= 0:
             raise ValueError(f"--i2c-time-power must be positive, got {i2c_time_power}")
-        self.use_conditioning, self.num_classes = use_conditioning, num_classes
-        self.i2c_time_power = i2c_time_power
+        self.mode, self.lambda_b, self.cfg_dropout = mode, lambda_b, cfg_dropout
+        self.ln, self.ln_loc, self.ln_scale, self.si_scale = ln, ln_loc, ln_scale, si_scale
+        self.use_conditioning, self.num_classes, self.i2c_time_power = use_conditioning, num_classes, i2c_time_power
 
     # ---------------------------------------------------------------- training
     def sample_t(self, n, device, generator=None):
@@ -100,13 +99,11 @@ class Flow:
         """All the randomness of one training step: the pair (z0, z1), cond, direction, t, eps'."""
         n, device = x_image.shape[0], x_image.device
         null = torch.rand(n, device=device, generator=generator) < self.cfg_dropout
-        if self.use_conditioning:
-            cond = torch.where(null, self.num_classes, y)
-            y_latent = y
-        else:
+        if self.use_conditioning:  # standard CFG: the null label K replaces the class
+            cond, y_latent = torch.where(null, self.num_classes, y), y
+        else:  # the indicator: null pairs get the latent of a random class
             cond = null.long()
-            random_class = torch.randint(self.num_classes, (n,), device=device, generator=generator)
-            y_latent = torch.where(null, random_class, y)
+            y_latent = torch.where(null, torch.randint(self.num_classes, (n,), device=device, generator=generator), y)
         x_class = embedder(y_latent, generator)
 
         z0, z1 = x_class, x_image
@@ -182,10 +179,9 @@ class Flow:
                 v = v_null + cfg_scale * (v_cond - v_null)
             return v
 
-        t_start, t_end = (1.0, 0.0) if reverse else (0.0, 1.0)
-        grid = torch.tensor([t_start, t_end], device=z.device) if times is None else (
-            torch.as_tensor(times, dtype=torch.float32, device=z.device).flip(0) if reverse else
-            torch.as_tensor(times, dtype=torch.float32, device=z.device))
+        grid = torch.as_tensor([0.0, 1.0] if times is None else times, dtype=torch.float32, device=z.device)
+        if reverse:
+            grid = grid.flip(0)
         if solver == "dopri5":
             # The network is called only inside [0, 1], where it was trained: steps end on the requested times
             # (step_t) instead of stepping past the end and interpolating back, and a fixed first step replaces
