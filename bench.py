@@ -55,8 +55,7 @@ def matmul_tflops(device, dtype, size):
 
 
 def build_training(preset, model_name, batch_size, device, bf16, compile, channels_last, dataset=None, seed=0):
-    """Everything train.main builds for one step, on `dataset` (uint8 images, labels) or a synthetic
-    one of the preset's shape. step() returns the loss, left on the device."""
+    """train.main's step on `dataset` (uint8 images, labels) or synthetic data; step() -> the loss, left on device."""
     args = train.get_args(["--dataset", PRESET_DATASET[preset], "--preset", preset, "--model", model_name,
                            "--mode", "bidi", "--batch-size", str(batch_size)])
     torch.manual_seed(seed)
@@ -106,24 +105,21 @@ def bench_training(config, device, peak_tflops, args):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
-    batch_size = config["batch_size"]
-    step, parts = build_training(config["preset"], config["model"], batch_size, device, config["bf16"],
+    step, parts = build_training(config["preset"], config["model"], config["batch_size"], device, config["bf16"],
                                  config["compile"], config["channels_last"])
     for _ in range(warmup):
         step()
     repeats = max(1, min(100, round(window_seconds / median_seconds(step, device, 1, 1))))
     seconds = median_seconds(step, device, windows, repeats)
     peak_mem_mb = round((torch.cuda.max_memory_allocated(device) - baseline) / 2**20, 1) if cuda else None
-    flops = count_step_flops(parts, device, batch_size)
-    peak = peak_tflops["bf16" if config["bf16"] else "fp32"] * 1e12
-    return dict(config, img_per_s=batch_size / seconds, step_ms=1000 * seconds, peak_mem_mb=peak_mem_mb,
-                gflop_per_step=flops / 1e9, mfu=flops / seconds / peak)
+    flops = count_step_flops(parts, device, config["batch_size"])
+    return dict(config, img_per_s=config["batch_size"] / seconds, step_ms=1000 * seconds, gflop_per_step=flops / 1e9,
+                peak_mem_mb=peak_mem_mb, mfu=flops / seconds / 1e12 / peak_tflops["bf16" if config["bf16"] else "fp32"])
 
 
 def loss_curves(args, device):
-    """Fixed-seed loss curves of the real step on real MNIST: does a speed change (NHWC, compile) keep
-    the loss curve of the plain eager NCHW step? Its distance to that curve is set against the distance
-    a second seed makes, which is the size of the noise. Returns {model: {variant: [window means]}}."""
+    """Fixed-seed loss curves of the real step on real MNIST: does NHWC or compile keep the eager NCHW step's
+    curve? Set against the gap a second seed makes, the noise. report["curves"]: {model: {variant: [means]}}."""
     dataset = tuple(t.to(device) for t in data.load_dataset("mnist", "train", args.data_dir))
     window = max(1, args.loss_curves // 10)
     batch_size = args.batch_size or train.TRAIN_PRESETS["tiny"]["batch_size"]
@@ -141,7 +137,8 @@ def loss_curves(args, device):
             gap = max(abs(a - b) for a, b in zip(curves[name], curves["eager"]))
             print(f"{model} {name:13s} " + " ".join(f"{v:.4f}" for v in curves[name])
                   + f" | max |diff| to eager {gap:.4f}", flush=True)
-    write_json(report, args.json)
+    if args.json:
+        atomic_write(args.json, lambda f: json.dump(report, f, indent=1), mode="w")
     return report
 
 
@@ -175,10 +172,9 @@ def run_benchmarks(args, device):
     size = 8192 if cuda else (512 if args.quick else 1024)
     windows = 1 if args.quick else 3
     report = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
-                  threads=torch.get_num_threads(),
                   matmul_tflops=dict(bf16=matmul_tflops(device, torch.bfloat16, size),
                                      fp32=matmul_tflops(device, torch.float32, size)),
-                  training=[], skipped=[], failed=[])
+                  threads=torch.get_num_threads(), training=[], skipped=[], failed=[])
     print(f"{report['device']} | torch {report['torch']} | {report['threads']} threads | matmul "
           + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in report["matmul_tflops"].items()))
     report["sampling"] = bench_sampling(args.checkpoint, "tiny" if args.quick else "mnist", device,
@@ -206,7 +202,8 @@ def run_benchmarks(args, device):
             except Exception as error:
                 report["failed"].append(dict(config, error=f"{type(error).__name__}: {error}"[:500]))
                 print(f"failed: {config}: {type(error).__name__}: {error}"[:300], flush=True)
-        write_json(report, args.json)  # after every configuration: a crash keeps the rows before it
+        if args.json:  # after every configuration: a crash keeps the rows before it
+            atomic_write(args.json, lambda f: json.dump(report, f, indent=1), mode="w")
     return report
 
 
@@ -216,11 +213,6 @@ def format_row(r):
     return (f"{name:14s} {'bf16' if r['bf16'] else 'fp32'} {'compile' if r['compile'] else 'eager  '} "
             f"batch {r['batch_size']:4d} | {r['img_per_s']:9.1f} img/s | {r['step_ms']:8.1f} ms | "
             f"peak {peak} MB | {r['gflop_per_step']:9.1f} GFLOP | MFU {100 * r['mfu']:5.1f}%")
-
-
-def write_json(obj, path):
-    if path:
-        atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
 
 
 def main():
@@ -246,10 +238,8 @@ def main():
     args.compile = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile or ("both" if full else "off")]
     args.precision = dict(auto=(devices.bf16_is_fast(device),), bf16=(True,), fp32=(False,),
                           both=(True, False))[args.precision or ("auto" if args.quick else "both")]
-    if args.loss_curves:
-        return loss_curves(args, device)
-    report = run_benchmarks(args, device)
-    if report["skipped"]:
+    report = loss_curves(args, device) if args.loss_curves else run_benchmarks(args, device)
+    if report.get("skipped"):
         print(f"{len(report['skipped'])} configurations skipped by --time-budget")
     print(f"wrote {args.json}")
 

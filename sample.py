@@ -4,7 +4,7 @@
     python sample.py runs/demo/last.pt --direction i2c    # I2C on real test images: accuracy + latents
     python sample.py runs/demo/last.pt --interpolate 1 7 --num-frames 10    # C2I along m_1 -> m_7
     python sample.py runs/demo/last.pt --arithmetic "1 + 7 - 3"             # C2I of m_1 + m_7 - m_3
-    python sample.py runs/demo/last.pt --trajectory       # z_t along the ODE, both ways: PNG + GIF
+    python sample.py runs/demo/last.pt --trajectory       # z_t along the ODE, both ways: PNG strip
     torchrun --nproc_per_node 4 sample.py runs/demo/last.pt --num-per-class 64   # sharded, same images
 
 C2I integrates from a class latent x_class = m_c + std_scale * eps to an image, I2C from a test image to a
@@ -18,8 +18,7 @@ import re
 from functools import partial
 
 import torch
-from PIL import Image
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import save_image
 
 import data
 import devices
@@ -39,13 +38,11 @@ def load_test_set(args, data_dir=None):
     return data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"], args["image_size"])
 
 
-@torch.no_grad()
 def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8, seed=0,
                   sharded=False, **kw):
     """num_per_class images of each class, a row per class; kw: flow.integrate's sampler. With sharded=True
     (under torchrun) the processes split the work and rank 0 writes. Returns (images, labels, nfe)."""
-    classes = list(range(args["num_classes"])) if classes is None else classes
-    y = torch.tensor(classes, device=device).repeat_interleave(num_per_class)
+    y = torch.tensor(classes or range(args["num_classes"]), device=device).repeat_interleave(num_per_class)
     z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
     images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
     if is_main_process():
@@ -53,7 +50,6 @@ def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None,
     return images, y, nfe
 
 
-@torch.no_grad()
 def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, num_samples=None, data_dir=None,
                   sharded=False, **kw):
     """I2C on real test images: a row per class of (image, class latent) pairs. Returns (i2c_accuracy's
@@ -64,11 +60,10 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
     x_image = data.to_unit_range(test_images[torch.cat([grid, scored])]).to(device)
     latents, _ = run_sharded(lambda images: (torch.cat([flow.i2c(model, embedder, chunk, **kw)[0]
                                                         for chunk in images.split(500)]), 0), x_image, sharded=sharded)
-    n_grid = len(grid)
-    pairs = torch.stack([x_image[:n_grid], latents[:n_grid].to(x_image.dtype)], dim=1).flatten(0, 1)
+    pairs = torch.stack([x_image[:len(grid)], latents[:len(grid)].to(x_image.dtype)], dim=1).flatten(0, 1)
     if is_main_process():
         save_image(to_pixels(pairs), path, nrow=2 * num_per_class, padding=1)
-    latents, labels = latents[n_grid:], test_labels[scored].to(device)
+    latents, labels = latents[len(grid):], test_labels[scored].to(device)
     return i2c_accuracy(*embedder.decode(latents), labels, args["num_classes"]), latents, labels
 
 
@@ -125,13 +120,11 @@ def mixed_latents(embedder, classes, weights, eps):
 
 
 def class_noise(embedder, num, seed, device):
-    """The eps of `num` class latents: the draws of embedder(y, generator) with this seed, so row r matches
-    the r-th plain C2I sample of a class (save_c2i_grid, same seed)."""
+    """The eps embedder(y, generator) draws from seed: row r is the noise of the r-th C2I sample of each class."""
     generator = torch.Generator(device).manual_seed(seed)
     return torch.randn((num, *embedder.means.shape[1:]), generator=generator, device=device)
 
 
-@torch.no_grad()
 def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, num_rows=1, seed=0, device="cpu",
                 sharded=False, **kw):
     """C2I along the straight line z(a) = (1 - a) m_A + a m_B + sigma eps, a = 0 .. 1 in num_frames
@@ -143,7 +136,6 @@ def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, num_rows
     return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
 
 
-@torch.no_grad()
 def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", sharded=False, **kw):
     """C2I of each term's class and of sum_k sign_k m_k, all with the same noise: a row per noise
     draw, [class 1, ..., class n, result]. Returns (images (num_rows * (n + 1), C, H, W), nfe)."""
@@ -152,12 +144,10 @@ def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", s
     return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
 
 
-@torch.no_grad()
 def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, device="cpu", data_dir=None,
                  sharded=False, **kw):
-    """The states z_t at num_frames evenly spaced times along the ODE: C2I from one class latent per class
-    (those save_c2i_grid draws with this seed), I2C from the first test image of each class (None for a
-    noise-source model). Returns (c2i (N, T, C, H, W), i2c (N, T, C, H, W) or None, nfe)."""
+    """z_t along the ODE at num_frames even times: C2I from the latents save_c2i_grid draws with this seed, I2C
+    from each class's first test image. Returns (c2i, i2c or None for a noise source, nfe), each (N, T, C, H, W)."""
     times = torch.linspace(0, 1, num_frames)
     y = torch.tensor(classes, device=device)
     z = embedder(y, torch.Generator(device).manual_seed(seed))
@@ -176,18 +166,10 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
     return c2i, i2c, max(nfe, nfe_i2c)
 
 
-def save_trajectory(c2i, i2c, png_path, gif_path, frame_ms=150):
-    """PNG: a row per trajectory (C2I rows, then I2C rows), time left to right. GIF: frame k holds every
-    trajectory's state k, a C2I row above an I2C row."""
+def save_trajectory(c2i, i2c, path):
+    """A row per trajectory (C2I rows, then I2C rows), time left to right."""
     rows = c2i if i2c is None else torch.cat([c2i, i2c])
-    save_image(to_pixels(rows.flatten(0, 1)), png_path, nrow=rows.shape[1], padding=1)
-    frames = []
-    for k in range(rows.shape[1]):
-        grid = make_grid(to_pixels(rows[:, k]), nrow=len(c2i), padding=1)
-        image = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy())
-        frames.append(image.resize((2 * image.width, 2 * image.height), Image.NEAREST))  # 32 px is tiny
-    durations = [frame_ms] * (len(frames) - 1) + [6 * frame_ms]  # rest on the end point before looping
-    frames[0].save(gif_path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
+    save_image(to_pixels(rows.flatten(0, 1)), path, nrow=rows.shape[1], padding=1)
 
 
 def main():
@@ -210,7 +192,7 @@ def main():
     extra = p.add_mutually_exclusive_group()
     extra.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="C2I along the line from class A to B")
     extra.add_argument("--arithmetic", metavar="EXPR", help="C2I of class means such as 'A + B - C'")
-    extra.add_argument("--trajectory", action="store_true", help="z_t along the ODE, both ways: PNG strip + GIF")
+    extra.add_argument("--trajectory", action="store_true", help="z_t along the ODE, both ways: a PNG strip")
     extra.add_argument("--export", metavar="PATH", help="write the EMA weights alone in fp16 (for sampling only)")
     p.add_argument("--num-frames", type=int, default=10, help="--interpolate / --trajectory frames")
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
@@ -240,26 +222,23 @@ def run(args, device):
     model, embedder, flow, train_args = build_from_checkpoint(ckpt, device)
     out = args.out or f"{os.path.splitext(args.checkpoint)[0]}_{what}.png"
     stem = os.path.splitext(out)[0]
-    sharded, main_process = devices.world_size() > 1, is_main_process()
-    if main_process:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    sharded = devices.world_size() > 1
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     kw = dict(device=device, sharded=sharded, steps=args.steps, solver=args.solver, cfg_scale=args.cfg_scale,
               time_grid=args.time_grid)
     if what == "i2c" and args.i2c_decoder == "readout":
         kw.update(READOUT)
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
         # Rank 0 first: it may have to write the test set to disk, which the others then read.
-        load_test = partial(load_test_set, train_args, args.data_dir)
-        devices.on_rank0(load_test, others=load_test)
+        devices.on_rank0(partial(load_test_set, train_args, args.data_dir))
 
     def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
         passes = network_passes(nfe, args.cfg_scale)
         return f"{nfe} NFE" + (f" = {passes} network passes per image" if passes != nfe else "")
     if what == "interpolate":
-        class_a, class_b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
-        images, nfe = interpolate(model, embedder, flow, class_a, class_b, args.num_frames, args.num_rows, args.seed,
-                                  **kw)
-        message = f"wrote {out} (C2I from class {class_a} to {class_b} in {args.num_frames} frames, {cost(nfe)} each)"
+        a, b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
+        images, nfe = interpolate(model, embedder, flow, a, b, args.num_frames, args.num_rows, args.seed, **kw)
+        message = f"wrote {out} (C2I from class {a} to {b} in {args.num_frames} frames, {cost(nfe)} each)"
     elif what == "arithmetic":
         terms = parse_class_expression(args.arithmetic, class_names, num_classes)
         images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, **kw)
@@ -269,8 +248,7 @@ def run(args, device):
         classes = classes or list(range(min(num_classes, 10)))
         c2i, i2c, nfe = trajectories(model, embedder, flow, train_args, classes, args.num_frames, args.seed,
                                      data_dir=args.data_dir, **kw)
-        message = (f"wrote {out} and {stem}.gif ({len(classes)} trajectories per direction, {args.num_frames} "
-                   f"frames, {cost(nfe)})")
+        message = f"wrote {out} ({len(classes)} trajectories per direction, {args.num_frames} frames, {cost(nfe)})"
     elif what == "c2i":
         nfe = save_c2i_grid(model, embedder, flow, train_args, out, classes=classes, num_per_class=args.num_per_class,
                             seed=args.seed, **kw)[2]
@@ -283,11 +261,11 @@ def run(args, device):
         decoder = "t = 0 read-out" if args.i2c_decoder == "readout" else f"{kw['solver']} ODE"
         message = (f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
                    f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs)\nwrote {stem}_latents.pt")
-    if main_process:
+    if is_main_process():
         if what in ("interpolate", "arithmetic"):  # a strip per noise draw
             save_image(to_pixels(images), out, nrow=len(images) // args.num_rows, padding=1)
         elif what == "trajectory":
-            save_trajectory(c2i, i2c, out, stem + ".gif")
+            save_trajectory(c2i, i2c, out)
         elif what == "i2c":
             torch.save({k: v.cpu() for k, v in saved.items()}, stem + "_latents.pt")
         print(message)
