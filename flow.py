@@ -89,12 +89,6 @@ class Flow:
         self.use_conditioning, self.num_classes, self.i2c_time_power = use_conditioning, num_classes, i2c_time_power
 
     # ---------------------------------------------------------------- training
-    def sample_t(self, n, device, generator=None):
-        if self.ln:
-            normal = torch.randn(n, device=device, generator=generator)
-            return torch.sigmoid(self.ln_loc + self.ln_scale * normal)
-        return torch.rand(n, device=device, generator=generator)
-
     def draw(self, x_image, y, embedder, generator=None):
         """All the randomness of one training step: the pair (z0, z1), cond, direction, t, eps'."""
         n, device = x_image.shape[0], x_image.device
@@ -117,11 +111,14 @@ class Flow:
             z0, z1 = torch.where(swap4, x_image, x_class), torch.where(swap4, x_class, x_image)
             direction = swap.long()
 
-        t = self.sample_t(n, device, generator)
+        if self.ln:  # logit-normal
+            t = torch.sigmoid(self.ln_loc + self.ln_scale * torch.randn(n, device=device, generator=generator))
+        else:
+            t = torch.rand(n, device=device, generator=generator)
         if self.mode == "i2l":
             t = 1 - t
-        if self.i2c_time_power != 1.0:  # t measured from the image in both modes: t = 0 is the image
-            t = torch.where(direction == IMAGE_TO_CLASS, t ** self.i2c_time_power, t)
+        # t measured from the image in both modes (t = 0 is the image); t ** 1.0 is t exactly
+        t = torch.where(direction == IMAGE_TO_CLASS, t ** self.i2c_time_power, t)
         eps = torch.randn(z0.shape, device=device, generator=generator) if self.si_scale > 0 else None
         return dict(z0=z0, z1=z1, cond=cond, direction=direction, t=t, eps=eps)
 
@@ -186,15 +183,12 @@ class Flow:
             # The network is called only inside [0, 1], where it was trained: steps end on the requested times
             # (step_t) instead of stepping past the end and interpolating back, and a fixed first step replaces
             # torchdiffeq's probe of the field at a guessed t0 + h0, which can lie outside.
-            options = dict(step_t=grid, first_step=0.01)
-            states = odeint(velocity, z.float(), grid, method="dopri5", atol=1e-5, rtol=1e-5, options=options)
+            kw = dict(atol=1e-5, rtol=1e-5, options=dict(step_t=grid, first_step=0.01))
         else:
             # An exact grid (torchdiffeq's step_size can add a sliver step from rounding: a wrong NFE).
             progress = fixed_time_grid(steps or DEFAULT_STEPS[solver], time_grid or DEFAULT_TIME_GRID[solver])
-
-            def fixed_grid(func, y0, t):
-                return (t[0] + (t[-1] - t[0]) * progress.to(t)).contiguous()
-            states = odeint(velocity, z.float(), grid, method=solver, options=dict(grid_constructor=fixed_grid))
+            kw = dict(options=dict(grid_constructor=lambda func, y0, t: t[0] + (t[-1] - t[0]) * progress.to(t)))
+        states = odeint(velocity, z.float(), grid, method=solver, **kw)
         return (states[-1] if times is None else states), nfe
 
     @torch.no_grad()
