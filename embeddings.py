@@ -90,20 +90,15 @@ def smoothrand_means(num_classes, shape, low_res=6, seed=0):
     return F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
 
 
-def orthonormal_projection(in_dim, out_dim, seed=0):
-    """Q (out_dim, in_dim) with orthonormal columns: QR of a seeded Gaussian matrix."""
-    assert out_dim >= in_dim, f"cannot map {in_dim}-d vectors isometrically into {out_dim} pixels"
-    generator = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(out_dim, in_dim, generator=generator, dtype=torch.float64))
-    # Fix the sign ambiguity of QR so the projection is a deterministic function of the seed.
-    return (q * torch.sign(torch.diagonal(r))).float()
-
-
 def projected_means(vectors, shape, seed=0):
-    """Text vectors (K, D) -> mean patterns (K, C, H, W) by a fixed isometry scaled to pixel RMS 1."""
+    """Text vectors (K, D) -> mean patterns (K, C, H, W): sqrt(C*H*W) Q v_c, Q (C*H*W, D) with orthonormal columns
+    from the QR of a seeded Gaussian matrix (an isometry scaled to pixel RMS 1)."""
     vectors = F.normalize(vectors.float(), dim=1)
     numel = math.prod(shape)
-    q = orthonormal_projection(vectors.shape[1], numel, seed)
+    assert numel >= vectors.shape[1], f"cannot map {vectors.shape[1]}-d vectors isometrically into {numel} pixels"
+    gaussian = torch.randn(numel, vectors.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = (q * torch.sign(torch.diagonal(r))).float()  # QR's signs fixed: Q is a deterministic function of the seed
     return (math.sqrt(numel) * vectors @ q.T).view(-1, *shape)
 
 

@@ -168,6 +168,8 @@ class UNet(nn.Module):
 
 _REFERENCE = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),
                   dropout=0.1, num_heads=4)
+
+
 def reference_attention(input_size):
     """The reference's placement: its (16, 8) as downsampling factors, i.e. sides input/16 and input/8, one head."""
     return dict(attention_resolutions=(input_size // 16, input_size // 8), num_heads=1)
@@ -177,7 +179,5 @@ def reference_attention(input_size):
 UNET_PRESETS = {
     'tiny': dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                  dropout=0.0, num_heads=4),
-    'mnist': dict(_REFERENCE),
-    'cifar': dict(_REFERENCE),
-    'imagenet': dict(_REFERENCE),
+    **{name: dict(_REFERENCE) for name in ('mnist', 'cifar', 'imagenet')},
 }
