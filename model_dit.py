@@ -131,7 +131,6 @@ class DiT(nn.Module):
         self.in_channels = in_channels
         self.patch_size = patch_size
         self.grid_size = input_size // patch_size
-        self.bidirectional = bidirectional
 
         self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
         # Not persistent: a fixed function of the shape, which checkpoints need not carry.

@@ -110,7 +110,6 @@ class UNet(nn.Module):
         if input_size % 2 ** num_downsamples:
             raise ValueError(f'input_size {input_size} must be divisible by 2^{num_downsamples} for '
                              f'channel_mult {tuple(channel_mult)}; use fewer levels or a larger image')
-        self.bidirectional = bidirectional
         emb_channels = 4 * model_channels
         self.condition_embedder = ConditionEmbedder(emb_channels, num_cond_labels, bidirectional,
                                                     frequency_size=model_channels)
