@@ -2208,6 +2208,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_d
     (["--use-conditioning"], "--use-conditioning is standard class CFG for a noise source"),
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
     (["--keep-every", "0"], "--keep-every must be positive, got 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be >= 0 (0: off), got -1.0"),
 ])
 def test_invalid_flags_end_train_py_with_one_line(data_dir, tmp_path, argv, message):
     fails_with_one_line(train_micro(data_dir, tmp_path, *argv), message)

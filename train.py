@@ -125,6 +125,8 @@ def get_args(argv=None):
                 "sample_steps", "num_samples"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.grad_clip < 0:  # clip_grad_norm_ would flip the gradients' sign
+        raise ValueError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
     # Checked before the process group exists: every rank fails alike, and none dies mid-handshake.
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
