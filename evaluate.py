@@ -13,11 +13,8 @@ With mu, Sigma the mean and (N - 1)-normalised covariance of each set's features
     FID = |mu_r - mu_g|^2 + Tr(Sigma_r + Sigma_g - 2 (Sigma_r Sigma_g)^(1/2)).
 Reals: at most --num-real (default --num-samples) class-balanced images of --ref-split (default test); CIFAR-10's
 usual protocol: --ref-split train --num-samples 50000 --num-real 50000. Statistics files (--save-stats,
---ref-stats): np.savez of mu (2048,) and sigma (2048, 2048) float64, no features (with --ref-stats, P/R are None).
-pytorch-fid's files and clean-fid's legacy_pytorch ones are comparable: the same network (pytorch-fid's port of
-the TF 2015-12-05 Inception), resize (bilinear to 299, no antialias), pool3 and covariance (N - 1). clean-fid's
-legacy_tensorflow mode feeds it (x - 128) / 128 (close, not equal); its 'clean' mode resizes bicubic with
-antialias (not comparable). The images must match too: ours are the split as the models see it (MNIST padded to 32x32).
+--ref-stats): np.savez of mu (2048,) and sigma (2048, 2048) float64, no features (with --ref-stats, P/R are None),
+comparable with pytorch-fid's and clean-fid's legacy_pytorch ones (METHOD.md, "Comparability").
 
 Precision / recall (Kynkaanniemi et al. 2019): each feature gets a ball of radius the distance to its
 k-th nearest neighbour in its own set (itself excluded); then
@@ -275,8 +272,7 @@ def get_args(argv=None):
 
 
 def _format_row(name, r):
-    def pct(v):
-        return '   -  ' if v is None else f'{100 * v:6.2f}'
+    pct = lambda v: '   -  ' if v is None else f'{100 * v:6.2f}'
     real = os.path.basename(r['ref_stats']) if r['ref_stats'] else f"{r['ref_split']} {r['num_reference']}"
     return (f"{name:20.20} {real:>12.12} {r['num_samples']:7d} {r['cfg_scale']:4.2g} {r['solver']:>8} "
             f"{r['steps'] or '-':>5} {r['time_grid'] or '-':>7} {r['nfe_c2i']:4d} {r['network_passes_c2i']:6d} "

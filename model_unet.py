@@ -13,12 +13,9 @@ enters each residual block by scale-shift normalisation:
 The last conv of each residual block, each attention output projection and the output conv start at
 zero: every block is the identity and the model outputs 0 at init.
 
-Where to attend. The reference configuration says "attention at 16 and 8" but hands (16, 8) to a UNet that
-reads them as downsampling factors: with channel_mult (1, 2, 2, 2) (factors 1, 2, 4, 8) on 32x32 images only
-the 4x4 level attends, with one head: 6 attention blocks, 38.3 M parameters. These presets read them as
-feature-map sides, 16x16 and 8x8 (and the 4x4 middle), with 4 heads: 11 blocks, 39.6 M parameters (+3.4%) and
-+10% FLOPs per training step (8,819 -> 9,704 GFLOP at batch 256, bench.count_step_flops). `train.py
---unet-attention reference` builds the reference's placement (reference_attention).
+Where to attend: these presets read the reference's "attention at 16 and 8" as feature-map sides (11 attention
+blocks, 4 heads); the reference's UNet reads them as downsampling factors and attends at 4x4 only, with one head
+(6 blocks; reference_attention, `train.py --unet-attention reference`; METHOD.md section 6).
 """
 import math
 from collections import OrderedDict

@@ -1,6 +1,5 @@
 """Pictures of evaluation results, drawn with Pillow: FID against network passes, and confusion matrices."""
 import math
-import operator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -12,7 +11,7 @@ def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
     xs, ys = [math.log2(r['network_passes_c2i']) for r in points], [math.log10(r['fid']) for r in points]
     x0, x1, y0, y1 = min(xs) - 0.3, max(xs) + 0.3, min(ys) - 0.05, max(ys) + 0.05
     right = width - 200  # the legend's left
-    series = operator.itemgetter('solver', 'time_grid', 'cfg_scale')  # a line each
+    series = lambda r: (r['solver'], r['time_grid'], r['cfg_scale'])  # a line each
 
     def xy(passes, fid):
         return (margin + (math.log2(passes) - x0) / (x1 - x0) * (right - margin),

@@ -27,10 +27,7 @@ from devices import is_main_process, run_sharded
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS, network_passes
 
-
-def to_pixels(x):
-    """[-1, 1] -> [0, 1] for PNGs; class latents carry noise beyond +-1, so clamp for display."""
-    return (x.float().clamp(-1, 1) + 1) / 2
+PNG = dict(normalize=True, value_range=(-1, 1), padding=1)  # [-1, 1] -> black..white; latents beyond +-1 clamp
 
 
 def load_test_set(args, data_dir=None):
@@ -46,7 +43,7 @@ def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None,
     z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
     images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
     if is_main_process():
-        save_image(to_pixels(images), path, nrow=num_per_class, padding=1)
+        save_image(images, path, nrow=num_per_class, **PNG)
     return images, y, nfe
 
 
@@ -62,7 +59,7 @@ def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class
                                                         for chunk in images.split(500)]), 0), x_image, sharded=sharded)
     pairs = torch.stack([x_image[:len(grid)], latents[:len(grid)].to(x_image.dtype)], dim=1).flatten(0, 1)
     if is_main_process():
-        save_image(to_pixels(pairs), path, nrow=2 * num_per_class, padding=1)
+        save_image(pairs, path, nrow=2 * num_per_class, **PNG)
     latents, labels = latents[len(grid):], test_labels[scored].to(device)
     return i2c_accuracy(*embedder.decode(latents), labels, args["num_classes"]), latents, labels
 
@@ -105,43 +102,34 @@ def parse_class_expression(expression, class_names, num_classes):
     return terms
 
 
-def mixed_latents(embedder, classes, weights, eps):
-    """Class latents of weighted class means, sharing their noise:
-        z = sum_k w_k m_k + sigma * eps,    sigma = sum_k |w_k| sigma_k / sum_k |w_k|
-    for each row of weights (F, k) and each noise eps (R, C, H, W): (R * F, C, H, W), noise-major. sigma_k
-    is std_scale (or the learned per-pixel std): a row with one weight 1 is that class's plain latent."""
+def mixed_c2i(model, embedder, flow, classes, weights, num_rows=1, seed=0, device="cpu", sharded=False, **kw):
+    """C2I of weighted class means, for each row of weights (F, k) and each of num_rows noise draws eps_r:
+        z = sum_k w_k m_k + sigma * eps_r,    sigma = sum_k |w_k| sigma_k / sum_k |w_k|
+    eps_r is the r-th plain C2I sample's noise of a class under `seed`, sigma_k std_scale (or the learned std):
+    a row with one weight 1 is that class's plain latent. Returns (images (num_rows * F, C, H, W), nfe)."""
+    eps = torch.randn((num_rows, *embedder.means.shape[1:]), generator=torch.Generator(device).manual_seed(seed),
+                      device=device)
     means = embedder.means.detach()[classes]
     stds = (torch.exp(0.5 * embedder.logvar.detach()[classes]) if embedder.kind == "learned"
             else torch.full_like(means, embedder.std_scale))
     weights = weights.to(means)
     mean = torch.einsum("fk,kchw->fchw", weights, means)
     sigma = torch.einsum("fk,kchw->fchw", weights.abs(), stds) / weights.abs().sum(1).view(-1, 1, 1, 1)
-    return (mean[None] + sigma[None] * eps[:, None]).flatten(0, 1)
-
-
-def class_noise(embedder, num, seed, device):
-    """The eps embedder(y, generator) draws from seed: row r is the noise of the r-th C2I sample of each class."""
-    generator = torch.Generator(device).manual_seed(seed)
-    return torch.randn((num, *embedder.means.shape[1:]), generator=generator, device=device)
-
-
-def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, num_rows=1, seed=0, device="cpu",
-                sharded=False, **kw):
-    """C2I along the straight line z(a) = (1 - a) m_A + a m_B + sigma eps, a = 0 .. 1 in num_frames
-    frames, one row per noise draw. Returns (images (num_rows * num_frames, C, H, W), nfe)."""
-    a = torch.linspace(0, 1, num_frames)
-    z = mixed_latents(embedder, [class_a, class_b], torch.stack([1 - a, a], dim=1),
-                      class_noise(embedder, num_rows, seed, device))
+    z = (mean[None] + sigma[None] * eps[:, None]).flatten(0, 1)
     # No class ids: only standard CFG reads them, and its noise source has no means to mix.
     return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
 
 
-def arithmetic(model, embedder, flow, terms, num_rows=1, seed=0, device="cpu", sharded=False, **kw):
-    """C2I of each term's class and of sum_k sign_k m_k, all with the same noise: a row per noise
-    draw, [class 1, ..., class n, result]. Returns (images (num_rows * (n + 1), C, H, W), nfe)."""
+def interpolate(model, embedder, flow, class_a, class_b, num_frames=10, **kw):
+    """C2I along the straight line z(a) = (1 - a) m_A + a m_B + sigma eps, a = 0 .. 1 in num_frames frames."""
+    a = torch.linspace(0, 1, num_frames)
+    return mixed_c2i(model, embedder, flow, [class_a, class_b], torch.stack([1 - a, a], dim=1), **kw)
+
+
+def arithmetic(model, embedder, flow, terms, **kw):
+    """C2I of each term's class and of sum_k sign_k m_k, all with the same noise: [class 1, ..., class n, result]."""
     weights = torch.cat([torch.eye(len(terms)), torch.tensor([[float(s) for s, _ in terms]])])
-    z = mixed_latents(embedder, [c for _, c in terms], weights, class_noise(embedder, num_rows, seed, device))
-    return run_sharded(lambda zz: flow.c2i(model, embedder, None, z=zz, **kw), z, sharded=sharded)
+    return mixed_c2i(model, embedder, flow, [c for _, c in terms], weights, **kw)
 
 
 def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, device="cpu", data_dir=None,
@@ -151,17 +139,15 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
     times = torch.linspace(0, 1, num_frames)
     y = torch.tensor(classes, device=device)
     z = embedder(y, torch.Generator(device).manual_seed(seed))
-
-    def rows_first(states_and_nfe):  # (T, n, ...) -> (n, T, ...): run_sharded splits the rows
-        return states_and_nfe[0].transpose(0, 1), states_and_nfe[1]
-    c2i, nfe = run_sharded(lambda zz, yy: rows_first(flow.c2i(model, embedder, yy, z=zz, times=times, **kw)),
+    rows_first = lambda states, nfe: (states.transpose(0, 1), nfe)  # (T, n, ...) -> (n, T, ...): shards split rows
+    c2i, nfe = run_sharded(lambda zz, yy: rows_first(*flow.c2i(model, embedder, yy, z=zz, times=times, **kw)),
                            z, y, sharded=sharded)
     if embedder.kind == "noise":
         return c2i, None, nfe
     test_images, test_labels = load_test_set(args, data_dir)
     first = torch.stack([torch.nonzero(test_labels == c)[0, 0] for c in classes])
     x_image = data.to_unit_range(test_images[first]).to(device)
-    i2c, nfe_i2c = run_sharded(lambda xx: rows_first(flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
+    i2c, nfe_i2c = run_sharded(lambda xx: rows_first(*flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
                                sharded=sharded)
     return c2i, i2c, max(nfe, nfe_i2c)
 
@@ -169,7 +155,7 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
 def save_trajectory(c2i, i2c, path):
     """A row per trajectory (C2I rows, then I2C rows), time left to right."""
     rows = c2i if i2c is None else torch.cat([c2i, i2c])
-    save_image(to_pixels(rows.flatten(0, 1)), path, nrow=rows.shape[1], padding=1)
+    save_image(rows.flatten(0, 1), path, nrow=rows.shape[1], **PNG)
 
 
 def main():
@@ -235,13 +221,14 @@ def run(args, device):
     def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
         passes = network_passes(nfe, args.cfg_scale)
         return f"{nfe} NFE" + (f" = {passes} network passes per image" if passes != nfe else "")
+    rows = dict(num_rows=args.num_rows, seed=args.seed)  # interpolation and arithmetic: the noise draws
     if what == "interpolate":
         a, b = (parse_class(c, class_names, num_classes) for c in args.interpolate)
-        images, nfe = interpolate(model, embedder, flow, a, b, args.num_frames, args.num_rows, args.seed, **kw)
+        images, nfe = interpolate(model, embedder, flow, a, b, args.num_frames, **rows, **kw)
         message = f"wrote {out} (C2I from class {a} to {b} in {args.num_frames} frames, {cost(nfe)} each)"
     elif what == "arithmetic":
         terms = parse_class_expression(args.arithmetic, class_names, num_classes)
-        images, nfe = arithmetic(model, embedder, flow, terms, args.num_rows, args.seed, **kw)
+        images, nfe = arithmetic(model, embedder, flow, terms, **rows, **kw)
         formula = " ".join(f"{'+' if s > 0 else '-'} m_{c}" for s, c in terms).lstrip("+ ")
         message = f"wrote {out} (C2I of each class, then of {formula}; {cost(nfe)})"
     elif what == "trajectory":
@@ -263,7 +250,7 @@ def run(args, device):
                    f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs)\nwrote {stem}_latents.pt")
     if is_main_process():
         if what in ("interpolate", "arithmetic"):  # a strip per noise draw
-            save_image(to_pixels(images), out, nrow=len(images) // args.num_rows, padding=1)
+            save_image(images, out, nrow=len(images) // args.num_rows, **PNG)
         elif what == "trajectory":
             save_trajectory(c2i, i2c, out)
         elif what == "i2c":

@@ -882,7 +882,8 @@ def test_every_preset_builds_and_keeps_the_shape(input_size, in_channels):
 def test_reference_unet_attention_is_placed_by_downsampling_factor_with_one_head():
     for placement, blocks, heads in (("resolutions", 11, 4), ("reference", 6, 1)):
         args = train.get_args(["--dataset", "cifar", "--model", "unet", "--unet-attention", placement])
-        attention = [m for m in checkpoint.build_model(vars(args)).modules() if isinstance(m, model_unet.AttentionBlock)]
+        model = checkpoint.build_model(vars(args))
+        attention = [m for m in model.modules() if isinstance(m, model_unet.AttentionBlock)]
         assert len(attention) == blocks and {m.num_heads for m in attention} == {heads}
 
 
@@ -971,7 +972,7 @@ def _write_fashion_debian(folder, sizes=(("train", 30), ("test", 20))):
     for split, n in sizes:
         images = np.zeros((n, 28, 28), np.uint8)
         images[:, 4:24, 4:24] = (3 * np.arange(n) + (1 if split == "train" else 2))[:, None, None]
-        for name, array in zip(data._idx_names(split), (images, (np.arange(n) % 10).astype(np.uint8))):
+        for name, array in zip(data.IDX_NAMES[split], (images, (np.arange(n) % 10).astype(np.uint8))):
             header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">i4").tobytes()
             (folder / f"{name}.gz").write_bytes(gzip.compress(header + array.tobytes()))
 
@@ -1443,10 +1444,14 @@ def test_checkpoint_alone_rebuilds_the_model_for_sample_py(run, data_dir, tmp_pa
 
 
 def test_mixed_latents_follow_the_straight_line_with_shared_noise():
+    """A zero velocity leaves every state where it starts: the images are the mixed latents themselves."""
     embedder = build_embedder("rectangle", 10, (1, 32, 32), std_scale=0.5)
     eps = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     a = torch.tensor([0.0, 0.25, 1.0])
-    z = sample.mixed_latents(embedder, torch.tensor([1, 7]), torch.stack([1 - a, a], 1), eps).view(2, 3, 1, 32, 32)
+    standing_still = lambda x, t, cond, direction=None: torch.zeros_like(x)
+    z, _ = sample.mixed_c2i(standing_still, embedder, Flow("l2i"), torch.tensor([1, 7]), torch.stack([1 - a, a], 1),
+                            num_rows=2, seed=0, **STEPS)
+    z = z.view(2, 3, 1, 32, 32)
     m1, m7 = embedder.means[1], embedder.means[7]
     for r in range(2):
         for f in range(3):
@@ -1495,7 +1500,7 @@ def test_arithmetic_strip_is_each_class_then_the_sum_of_means_with_the_same_nois
     images, _ = sample.arithmetic(m, e, flow, [(1, 1), (1, 7), (-1, 3)], num_rows=1, seed=2, **STEPS)
     plain = sample.save_c2i_grid(m, e, flow, args, tmp_path / "p.png", classes=[1, 7, 3], num_per_class=1,
                                  seed=0, **STEPS)[0]
-    eps = sample.class_noise(e, 1, 2, "cpu")
+    eps = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     # Each class's own frame: its plain latent with this strip's noise.
     for k, c in enumerate([1, 7, 3]):
         z = e.means[c] + torch.exp(0.5 * e.logvar[c]) * eps
@@ -1862,7 +1867,7 @@ def test_converted_weights_reproduce_the_wheel_torchscript_module(fid_inception,
     with torch.no_grad():
         network_input = fid_inception.preprocess(images)
         assert network_input.shape == (3, 3, 299, 299)
-        ours, theirs = fid_inception.features(network_input), wheel(network_input)
+        ours, theirs = inception.tv.Inception3.forward(fid_inception, network_input), wheel(network_input)
     assert ours.abs().max() > 0.1  # real activations, not a dead network
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
