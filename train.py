@@ -1,6 +1,6 @@
 """Train a flow between class latents and images.
 
-    python train.py --dataset mnist --mode bidi --preset tiny --out runs/demo      # one process
+    python train.py --dataset mnist --mode bidi --model unet --preset tiny --out runs/demo   # one process
     torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi               # DDP, 8 GPUs
 
 Defaults are the reference settings (TRAIN_PRESETS, REFERENCE); `--preset tiny` learns MNIST in minutes on a CPU.
