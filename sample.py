@@ -105,8 +105,8 @@ def parse_class_expression(expression, class_names, num_classes):
 def mixed_c2i(model, embedder, flow, classes, weights, num_rows=1, seed=0, device="cpu", sharded=False, **kw):
     """C2I of weighted class means, for each row of weights (F, k) and each of num_rows noise draws eps_r:
         z = sum_k w_k m_k + sigma * eps_r,    sigma = sum_k |w_k| sigma_k / sum_k |w_k|
-    eps_r is the r-th plain C2I sample's noise of a class under `seed`, sigma_k std_scale (or the learned std):
-    a row with one weight 1 is that class's plain latent. Returns (images (num_rows * F, C, H, W), nfe)."""
+    eps_r the r-th noise draw under `seed`, shared by every row of weights, sigma_k std_scale (or the learned
+    std): a row with one weight 1 is a plain latent of that class. Returns (images (num_rows * F, C, H, W), nfe)."""
     eps = torch.randn((num_rows, *embedder.means.shape[1:]), generator=torch.Generator(device).manual_seed(seed),
                       device=device)
     means = embedder.means.detach()[classes]
@@ -134,7 +134,7 @@ def arithmetic(model, embedder, flow, terms, **kw):
 
 def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, device="cpu", data_dir=None,
                  sharded=False, **kw):
-    """z_t along the ODE at num_frames even times: C2I from the latents save_c2i_grid draws with this seed, I2C
+    """z_t along the ODE at num_frames even times: C2I from one latent per class drawn with `seed`, I2C
     from each class's first test image. Returns (c2i, i2c or None for a noise source, nfe), each (N, T, C, H, W)."""
     times = torch.linspace(0, 1, num_frames)
     y = torch.tensor(classes, device=device)

@@ -119,8 +119,9 @@ def get_args(argv=None):
     if args.use_conditioning and args.embedding != "noise":
         raise ValueError("--use-conditioning is standard class CFG for a noise source; a class-latent source "
                          "already carries the class (use --embedding noise, or drop --use-conditioning)")
-    if args.embedding == "noise" and args.mode != "l2i":
-        raise ValueError("--embedding noise has no class to read back: use --mode l2i")
+    if args.embedding == "noise" and (args.mode != "l2i" or not args.use_conditioning):
+        raise ValueError("--embedding noise is the noise->image baseline: it needs --mode l2i (no class to read "
+                         "back) and --use-conditioning (else no class reaches the model)")
     for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "keep_every", "sample_every",
                 "sample_steps", "num_samples"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
