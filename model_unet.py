@@ -14,8 +14,8 @@ The last conv of each residual block, each attention output projection and the o
 zero: every block is the identity and the model outputs 0 at init.
 
 Where to attend: these presets read the reference's "attention at 16 and 8" as feature-map sides (11 attention
-blocks, 4 heads); the reference's UNet reads them as downsampling factors and, at 32x32, attends at 4x4 only, with one head
-(6 blocks; reference_attention, `train.py --unet-attention reference`; METHOD.md section 6).
+blocks, 4 heads); the reference's UNet reads them as downsampling factors and, at 32x32, attends at 4x4 only,
+with one head (6 blocks; reference_attention, `train.py --unet-attention reference`; METHOD.md section 6).
 """
 import math
 from collections import OrderedDict

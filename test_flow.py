@@ -2211,7 +2211,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_d
     (["--lambda-b", "1.5"], "--lambda-b must lie in [0, 1], got 1.5"),
     (["--std-scale", "-1"], "--std-scale must be >= 0, got -1.0"),
     (["--use-conditioning"], "--use-conditioning is standard class CFG for a noise source"),
-    (["--embedding", "noise", "--mode", "l2i"], "--embedding noise is the noise->image baseline: it needs"),
+    (["--embedding", "noise", "--mode", "l2i"], "--use-conditioning is standard class CFG for a noise source"),
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
     (["--keep-every", "0"], "--keep-every must be positive, got 0"),
     (["--grad-clip", "-1"], "--grad-clip must be >= 0 (0: off), got -1.0"),

@@ -1,7 +1,7 @@
 """Train a flow between class latents and images.
 
     python train.py --dataset mnist --mode bidi --model unet --preset tiny --out runs/demo   # one process
-    torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi               # DDP, 8 GPUs
+    torchrun --nproc_per_node 8 train.py --dataset cifar --mode bidi                         # DDP, 8 GPUs
 
 Defaults are the reference settings (TRAIN_PRESETS, REFERENCE); `--preset tiny` learns MNIST in minutes on a CPU.
 --out holds last.pt (+ kept snapshots), log.jsonl and PNG grids. SIGTERM saves and exits, a non-finite loss or
@@ -116,12 +116,12 @@ def get_args(argv=None):
     args.num_classes = data.num_classes(args.dataset)
     if args.embedding == "noise":
         args.std_scale = 1.0
-    if args.use_conditioning and args.embedding != "noise":
-        raise ValueError("--use-conditioning is standard class CFG for a noise source; a class-latent source "
-                         "already carries the class (use --embedding noise, or drop --use-conditioning)")
-    if args.embedding == "noise" and (args.mode != "l2i" or not args.use_conditioning):
-        raise ValueError("--embedding noise is the noise->image baseline: it needs --mode l2i (no class to read "
-                         "back) and --use-conditioning (else no class reaches the model)")
+    if args.use_conditioning != (args.embedding == "noise"):  # the class reaches the model one way, exactly
+        raise ValueError("--use-conditioning is standard class CFG for a noise source, and a noise source needs it: "
+                         "a class latent carries the class, plain noise does not (use --embedding noise with "
+                         "--use-conditioning, or neither)")
+    if args.embedding == "noise" and args.mode != "l2i":
+        raise ValueError("--embedding noise has no class to read back: use --mode l2i")
     for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "keep_every", "sample_every",
                 "sample_steps", "num_samples"):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
