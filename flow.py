@@ -16,11 +16,9 @@ t = sigmoid(ln_loc + ln_scale * n), n ~ N(0, 1):
 
     loss = E || v_theta(z_t, t, cond, direction) - v ||^2      (mean over pixels, in float32)
 
-In i2l mode t is flipped to 1 - t, so that with one seed the i2l model sees the same mixtures
-(1 - t) x_class + t x_image as an l2i model: z_t is then read with t measured from the image.
-
-Time per direction (--i2c-time-power p): image -> class samples (all of i2l, direction 1 of bidi) take
-t <- t^p, density p(t) = t^(1/p - 1) / p for uniform t. Why: for t > 0 the class latent t m_c is visible
+Image -> class samples (all of i2l, direction 1 of bidi) flip t to 1 - t, so that the same draw gives the
+same mixture (1 - t) x_class + t x_image in either direction, now with t measured from the image; then
+(--i2c-time-power p) they take t <- t^p, density p(t) = t^(1/p - 1) / p for uniform t. Why: for t > 0 the class latent t m_c is visible
 in z_t, so the network can read the class off z_t; only near t = 0, where sampling starts, must it read
 the class off the image. p = 3 puts half of that direction's training below t = 1/8. At t = 0 the ideal
 I2C velocity is E[x_class | x_image] - x_image, so one Euler step x_image + v(x_image, 0) is the
@@ -115,10 +113,9 @@ class Flow:
             t = torch.sigmoid(self.ln_loc + self.ln_scale * torch.randn(n, device=device, generator=generator))
         else:
             t = torch.rand(n, device=device, generator=generator)
-        if self.mode == "i2l":
-            t = 1 - t
-        # t measured from the image in both modes (t = 0 is the image); t ** 1.0 is t exactly
-        t = torch.where(direction == IMAGE_TO_CLASS, t ** self.i2c_time_power, t)
+        # Image -> class samples (all of i2l, direction 1 of bidi) flip t, then take the power: both modes
+        # draw the same times for that direction, measured from the image (t = 0 is the image).
+        t = torch.where(direction == IMAGE_TO_CLASS, (1 - t) ** self.i2c_time_power, t)
         eps = torch.randn(z0.shape, device=device, generator=generator) if self.si_scale > 0 else None
         return dict(z0=z0, z1=z1, cond=cond, direction=direction, t=t, eps=eps)
 

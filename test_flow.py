@@ -337,16 +337,34 @@ def ks_distance(samples, cdf, grid):
     return ((samples.view(-1, 1) <= grid).float().mean(dim=0) - cdf).abs().max().item()
 
 
-def test_logit_normal_t_has_normal_logits_of_ln_loc_and_ln_scale():
-    n, loc, scale = 100_000, 0.5, 0.7
+@pytest.mark.parametrize("mode", ["l2i", "i2l", "bidi"])
+def test_logit_normal_t_has_normal_logits_of_ln_loc_and_ln_scale_in_each_direction(mode):
+    # Image -> class samples flip t to 1 - t (the logit changes sign), in i2l and in bidi's direction 1 alike,
+    # so each direction of bidi draws exactly the times of the matching single-direction mode.
+    n, loc, scale = 200_000, 0.5, 0.7
     embedder = build_embedder("grayscale", 10, (1, 2, 2))
     grid = torch.linspace(-3, 3, 121)
-    for mode, sign in (("l2i", 1), ("i2l", -1)):  # i2l flips t to 1 - t: the logit changes sign
-        t = Flow(mode, ln=True, ln_loc=loc, ln_scale=scale).draw(
-            torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.long), embedder, torch.Generator().manual_seed(0))["t"]
-        logit = sign * (torch.log(t) - torch.log1p(-t))
-        normal_cdf = 0.5 * (1 + torch.erf((grid - loc) / (scale * math.sqrt(2))))
-        assert ks_distance(logit, normal_cdf, grid) < 0.01, mode
+    normal_cdf = 0.5 * (1 + torch.erf((grid - loc) / (scale * math.sqrt(2))))
+    batch = Flow(mode, ln=True, ln_loc=loc, ln_scale=scale).draw(
+        torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.long), embedder, torch.Generator().manual_seed(0))
+    for direction, sign in ((CLASS_TO_IMAGE, 1), (IMAGE_TO_CLASS, -1)):
+        t = batch["t"][batch["direction"] == direction]
+        if len(t):
+            logit = sign * (torch.log(t) - torch.log1p(-t))
+            assert ks_distance(logit, normal_cdf, grid) < 0.01, (mode, direction)
+
+
+def test_bidi_image_to_class_times_match_i2l_with_logit_normal_and_time_power():
+    n = 200_000
+    embedder = build_embedder("grayscale", 10, (1, 2, 2))
+    kw = dict(ln=True, ln_loc=1.0, i2c_time_power=3.0)
+    draw = lambda mode: Flow(mode, **kw).draw(torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.long), embedder,
+                                              torch.Generator().manual_seed(0))
+    i2l, bidi = draw("i2l"), draw("bidi")
+    t_bidi = bidi["t"][bidi["direction"] == IMAGE_TO_CLASS]
+    grid = torch.linspace(0, 1, 101)
+    i2l_cdf = (i2l["t"].view(-1, 1) <= grid).float().mean(dim=0)
+    assert ks_distance(t_bidi, i2l_cdf, grid) < 0.015  # ~100k against 200k samples
 
 
 @pytest.mark.parametrize("mode", ["bidi", "i2l"])
