@@ -152,7 +152,7 @@ def build_class_embedder(args):
     """The class latents described by a train.py args dict, as training starts them."""
     return build_embedder(args["embedding"], args["num_classes"], tuple(args["data_shape"]), args["std_scale"],
                           args["embedding_seed"], args["rect_size"], args["blur_sigma"], args["low_res"],
-                          dataset=args["dataset"])
+                          dataset=args["dataset"], text_res=args.get("text_res", 0))
 
 
 def build_flow(args):
