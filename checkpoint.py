@@ -77,16 +77,17 @@ def check_out_dir(out, resume):
 
 
 def newest_good_checkpoint(out, map_location="cpu"):
-    """(out/last.pt, None); if it cannot be used, (the newest kept out/step_N.pt that can, why last.pt could not)."""
+    """(out/last.pt, None); if it cannot be used, (the newest kept out/step_N.pt that can, a note saying so)."""
     try:
         return load_checkpoint(os.path.join(out, "last.pt"), map_location), None
     except CheckpointError as error:
         steps = sorted((int(p.stem[5:]) for p in Path(out).glob("step_*.pt") if p.stem[5:].isdigit()), reverse=True)
         for step in steps:
             try:
-                return load_checkpoint(os.path.join(out, f"step_{step}.pt"), map_location), str(error)
+                ckpt = load_checkpoint(os.path.join(out, f"step_{step}.pt"), map_location)
             except CheckpointError:  # damaged too: it may be a hard link to the same damaged file as last.pt
                 continue
+            return ckpt, f"{error}; resuming from step {ckpt['step']} (step_{step}.pt, the newest good snapshot)"
         raise CheckpointError(f"--resume: {error}; no kept step_N.pt in {out} can be used instead") from None
 
 
@@ -94,9 +95,9 @@ def resume_run(out, args, map_location="cpu"):
     """out/last.pt (or newest_good_checkpoint's snapshot), checked to continue the run `args` describes (every flag
     but RESUME_MAY_CHANGE matches). out/log.jsonl is cut back to its step: a killed run may have logged steps the
     resumed run redoes."""
-    ckpt, damaged = newest_good_checkpoint(out, map_location)
-    if damaged:  # never silently: the steps since that snapshot are trained again
-        print(f"--resume: {damaged}; resuming from step {ckpt['step']} (step_{ckpt['step']}.pt, the newest good one)")
+    ckpt, fallback = newest_good_checkpoint(out, map_location)
+    if fallback:  # never silently: the steps since that snapshot are trained again
+        print(f"--resume: {fallback}")
     plain = lambda v: tuple(v) if isinstance(v, list) else v  # --betas given on the command line is a list
     differ = [f"--{k.replace('_', '-')} ({ckpt['args'][k]!r} in the checkpoint, {args[k]!r} now)" for k in ckpt["args"]
               if k in args and k not in RESUME_MAY_CHANGE and plain(ckpt["args"][k]) != plain(args[k])]

@@ -2233,7 +2233,7 @@ def test_resume_from_a_damaged_last_pt_continues_from_the_newest_good_snapshot_a
     shutil.copy(run["out"] / "log.jsonl", tmp_path / "log.jsonl")
     stdout = succeeds(train_micro(data_dir, tmp_path, "--max-steps", RUN_STEPS + 1, "--resume"))
     assert "last.pt is not a readable checkpoint (truncated or corrupt?)" in stdout
-    assert f"resuming from step {RUN_STEPS} (step_{RUN_STEPS}.pt, the newest good one)" in stdout
+    assert f"resuming from step {RUN_STEPS} (step_{RUN_STEPS}.pt, the newest good snapshot)" in stdout
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == RUN_STEPS + 1
     assert [r["step"] for r in log_records(tmp_path)] == list(range(1, RUN_STEPS + 2))
 
