@@ -50,8 +50,9 @@ IDX_NAMES = {split: (f'{prefix}-images-idx3-ubyte', f'{prefix}-labels-idx1-ubyte
              for split, prefix in (('train', 'train'), ('test', 't10k'))}
 FASHION_DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
 CIFAR_MD5 = dict(torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list)
-CIFAR_GLOBALS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),  # an ndarray
-                 ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}  # encode: bytes in Python 3 pickles
+# The globals a pickled ndarray names (_codecs.encode: the bytes of a Python 3 pickle); a batch holds nothing else
+CIFAR_GLOBALS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                 ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
 
 
 def atomic_write(path, write, mode='wb'):
