@@ -28,8 +28,8 @@ import data
 import devices
 import inception
 import train
-from checkpoint import (atomic_write, build_class_embedder, build_flow, build_from_checkpoint, build_model,
-                        load_checkpoint)
+from checkpoint import build_class_embedder, build_flow, build_from_checkpoint, build_model, load_checkpoint
+from data import atomic_write
 from flow import DEFAULT_STEPS, SOLVERS
 
 PRESET_DATASET = {"tiny": "mnist", "mnist": "mnist", "cifar": "cifar", "imagenet": "imagenet100"}

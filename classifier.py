@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from checkpoint import atomic_write, cache_dir
+from data import atomic_write, cache_dir
 from embeddings import accuracy
 
 

