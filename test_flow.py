@@ -2466,3 +2466,19 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(dat
     assert [r["step"] for r in log_records(out)] == list(range(1, step + 1))  # rank 0 alone writes the log
     # One checkpoint and one log, and no sample grids: a pre-empted job must exit within its grace period.
     assert sorted(p.suffix for p in out.iterdir()) == [".jsonl", ".pt"]
+
+
+def test_training_minutes_sum_each_log_records_steps_over_its_speed_and_the_curve_is_drawn(tmp_path):
+    from evaluate import training_minutes
+    from plots import plot_learning_curve
+    records = [dict(step=100, img_per_s=64.0), dict(step=150, eval={}), dict(step=200, img_per_s=32.0),
+               dict(step=300, img_per_s=64.0)]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    ckpt = str(tmp_path / "step_200.pt")
+    # 100 steps x 64 images at 64 img/s, then 100 x 64 at 32: 100 s + 200 s; the step-300 record is later.
+    assert training_minutes(ckpt, 200, 64) == pytest.approx(5.0)
+    assert training_minutes(ckpt, 100, 64) == pytest.approx(100 / 60)
+    result = lambda w, acc, fid: dict(cfg_scale=w, c2i_class_acc=acc, fid=fid, i2c_acc_l2=0.9)
+    plot_learning_curve([(1.0, result(1, 0.8, 90)), (1.0, result(2, 0.9, 80)), (2.0, result(1, 0.9, 70)),
+                         (2.0, result(2, 0.95, 60))], tmp_path / "curve.png")
+    assert Image.open(tmp_path / "curve.png").size == (920, 460)
