@@ -1637,7 +1637,10 @@ def test_shipped_checkpoint_is_small_loads_weights_only_and_rebuilds_from_the_fi
     assert set(ckpt) == {"format", "args", "step", "ema", "ema_embedder"} and ckpt["args"]["dataset"] == dataset
     assert all(v.dtype == torch.float16 for v in ckpt["ema"].values() if v.is_floating_point())
     model, embedder, flow, args = build_from_checkpoint(load_checkpoint(path))
-    assert args["mode"] == "bidi" and flow.i2c_time_power == args["i2c_time_power"] == 3.0
+    from train import TRAIN_PRESETS
+    assert args["mode"] == "bidi" and flow.i2c_time_power == args["i2c_time_power"]
+    stale = {k: (args.get(k), v) for k, v in TRAIN_PRESETS["tiny"].items() if args.get(k) != v}
+    assert not stale, f"the shipped model is not today's tiny recipe: {stale}"
     images, nfe = flow.c2i(model, embedder, torch.arange(10), torch.Generator().manual_seed(0), cfg_scale=2.0)
     assert images.shape == (10, 1, 32, 32) and nfe == 16 and images.abs().max() < 3
 
