@@ -57,6 +57,14 @@ def all_reduce(tensor, op="sum", group=None):
     return tensor
 
 
+def broadcast_(*modules):
+    """Rank 0's parameters and buffers copied into every process's modules, in place."""
+    if dist.is_initialized():
+        for module in modules:
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+
 def host_group():
     """A gloo group for small host-side flags: agreeing on them never waits for the GPU. None alone."""
     return dist.new_group(backend="gloo") if dist.is_initialized() else None

@@ -1368,6 +1368,46 @@ def test_two_process_train_run_finishes_and_writes_one_checkpoint(data_dir, tmp_
     assert (out / "c2i_0000002.png").exists() and (tmp_path / "stdout1").read_text() == ""
 
 
+TRAIN_AND_KEEP_EVERY_RANK = textwrap.dedent("""
+    # train.py's main on this rank, keeping its freshly built model and, at each save, its whole state.
+    import os, sys
+    import torch
+    import train
+
+    rank, build_model, save = int(os.environ["RANK"]), train.build_model, train.save
+    kept = {}
+
+    def build_and_keep(args):
+        model = build_model(args)
+        kept["init"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return model
+
+    def save_and_keep(step, args, stateful, generator):
+        save(step, args, stateful, generator)
+        kept.update({key: stateful[key].state_dict() for key in ("model", "ema", "embedder", "ema_embedder")})
+        torch.save(kept, os.path.join(args.out, f"rank{rank}.pt"))
+
+    train.build_model, train.save = build_and_keep, save_and_keep
+    train.main(train.get_args(sys.argv[1:]))
+""")
+
+
+def test_two_ranks_that_start_from_different_weights_end_with_the_same_weights_and_ema(data_dir, tmp_path):
+    # Each rank seeds its own init (seed * world + rank): rank 0's weights must reach the other before its
+    # EMA is copied, or rank 1 averages from its own init and its EMA (the one sampled from) differs.
+    script, out = tmp_path / "keep.py", tmp_path / "run"
+    script.write_text(TRAIN_AND_KEEP_EVERY_RANK)
+    processes = start_two_ranks(script, *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 2,
+                                "--ema-decay", 0.9, "--no-ema-warmup", folder=tmp_path)
+    assert wait_all(processes) == [0, 0], (tmp_path / "stderr0").read_text()[-3000:]
+    rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
+    assert any(not torch.equal(rank0["init"][k], rank1["init"][k]) for k in rank0["init"])  # they did differ
+    for key in ("model", "ema", "embedder", "ema_embedder"):
+        for name, tensor in rank0[key].items():
+            assert torch.equal(tensor, rank1[key][name]), f"{key} {name}"
+    assert any(not torch.equal(rank0["ema"][k], rank0["model"][k]) for k in rank0["model"])  # an average
+
+
 # ------------------------------ checkpoints and exact resume
 
 def assert_same_run(out, other):

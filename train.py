@@ -268,6 +268,7 @@ def main(args):
 
     model = devices.place(build_model(vars(args)), device, nhwc_on_cpu=args.model == "unet")
     embedder = build_class_embedder(vars(args)).to(device)
+    devices.broadcast_(model, embedder)  # each rank drew its own init: the EMA must start from rank 0's too
     ema, ema_embedder = deepcopy(model).eval().requires_grad_(False), deepcopy(embedder).eval().requires_grad_(False)
     flow = build_flow(vars(args))
     params = list(model.parameters()) + list(embedder.parameters())
@@ -280,9 +281,11 @@ def main(args):
     stateful = dict(model=model, ema=ema, embedder=embedder, ema_embedder=ema_embedder, optimizer=optimizer,
                     data_state=batches)
     step = restore(ckpt, stateful, generator, world_size, rank) if args.resume else 0
-    train_model = torch.compile(model) if args.compile else model
+    train_model = model
     if world_size > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:  # around DDP, not inside it: then DDPOptimizer overlaps the gradient all-reduce with backward
+        train_model = torch.compile(train_model)
 
     # SIGTERM (pre-emption): finish the step, save, exit. It reaches the ranks at different steps, so they
     # agree on stopping over a host-side group (no wait on the GPU), or one would wait forever in a collective.
