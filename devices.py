@@ -16,7 +16,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 def setup(device="auto"):
     """Join the process group when started by torchrun. Returns (rank, world_size, torch.device)."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if device == "auto" else device)
+    try:
+        device = torch.device(auto if device == "auto" else device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":

@@ -64,7 +64,8 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, channels, num_heads):
         super().__init__()
-        assert channels % num_heads == 0, f'channels {channels} not divisible by num_heads {num_heads}'
+        if channels % num_heads:
+            raise ValueError(f'num_heads {num_heads} does not divide the {channels} channels of an attention layer')
         self.num_heads = num_heads
         self.norm = group_norm(channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)

@@ -184,9 +184,13 @@ def main():
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
     args = p.parse_args()
     if (args.steps is not None and args.steps <= 0) or args.num_per_class <= 0 or args.num_rows <= 0:
-        p.error("--steps, --num-per-class and --num-rows must be positive")
+        raise ValueError("--steps, --num-per-class and --num-rows must be positive")
+    if args.num_samples <= 0:
+        raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
+    if args.cfg_scale < 0:
+        raise ValueError(f"--cfg-scale must be >= 0 (1 is unguided), got {args.cfg_scale}")
     if args.num_frames < 2:
-        p.error("--num-frames must be at least 2 (the two end points)")
+        raise ValueError("--num-frames must be at least 2 (the two end points)")
     _, _, device = devices.setup(args.device)
     run(args, device)
     devices.shutdown()  # run_main does it on an error

@@ -2352,9 +2352,36 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_d
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
     (["--keep-every", "0"], "--keep-every must be positive, got 0"),
     (["--grad-clip", "-1"], "--grad-clip must be >= 0 (0: off), got -1.0"),
+    (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+    (["--eval-every", "-1"], "--eval-every must be >= 0, got -1"),
+    (["--si-scale", "-0.5"], "--si-scale must be >= 0, got -0.5"),
+    (["--kl-weight", "-1"], "--kl-weight must be >= 0, got -1.0"),
+    (["--sep-weight", "-1"], "--sep-weight must be >= 0, got -1.0"),
+    (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1], got 1.5"),
+    (["--ema-decay", "-0.1"], "--ema-decay must lie in [0, 1], got -0.1"),
+    (["--keep-every", "4"], "--keep-every 4 is not a multiple of --ckpt-every 3"),  # step_4.pt: never saved
+    (["--device", "foo"], "--device foo is not a device"),
+    (MICRO_UNET + ["--num-heads", "3"], "num_heads 3 does not divide the 16 channels"),
 ])
 def test_invalid_flags_end_train_py_with_one_line(data_dir, tmp_path, argv, message):
     fails_with_one_line(train_micro(data_dir, tmp_path, *argv), message)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["x.pt", "--num-samples", "0"], "--num-samples must be positive, got 0"),
+    (["x.pt", "--cfg-scale", "-1"], "--cfg-scale must be >= 0 (1 is unguided), got -1.0"),
+    (["x.pt", "--num-frames", "1"], "--num-frames must be at least 2"),
+    (["x.pt", "--device", "foo"], "--device foo is not a device"),
+])
+def test_invalid_flags_end_sample_py_with_one_line(argv, message):
+    fails_with_one_line(run_script("sample.py", *argv), message)  # all found before the checkpoint is read
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_device_cuda_without_cuda_is_one_line(data_dir, tmp_path, monkeypatch, script):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU-only machine, wherever it runs
+    argv = ["x.pt"] if script == "sample.py" else [*MICRO_RUN, "--data-dir", data_dir, "--out", tmp_path]
+    fails_with_one_line(run_script(script, *argv, "--device", "cuda"), "CUDA is not available on this machine")
 
 
 def test_unknown_choice_ends_with_argparse_usage_and_exit_2(data_dir, tmp_path):

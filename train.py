@@ -132,6 +132,14 @@ def get_args(argv=None):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     if args.grad_clip < 0:  # clip_grad_norm_ would flip the gradients' sign
         raise ValueError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
+    for key in ("warmup_steps", "eval_every", "si_scale", "kl_weight", "sep_weight"):
+        if getattr(args, key) < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
+    if not 0 <= args.ema_decay <= 1:
+        raise ValueError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
+    # step_N.pt is linked at a save only: off the --ckpt-every grid a snapshot the run reaches is never written.
+    if args.keep_every % args.ckpt_every and args.keep_every <= args.max_steps:
+        raise ValueError(f"--keep-every {args.keep_every} is not a multiple of --ckpt-every {args.ckpt_every}")
     # Checked before the process group exists: every rank fails alike, and none dies mid-handshake.
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
