@@ -21,7 +21,7 @@ same mixture (1 - t) x_class + t x_image in either direction, now with t measure
 (--i2c-time-power p) they take t <- t^p, density p(t) = t^(1/p - 1) / p for uniform t. Why: for t > 0
 the class latent t m_c is visible in z_t, so the network can read the class off z_t; only near t = 0,
 where sampling starts, must it read the class off the image. p = 3 puts half of that direction's
-training below t = 1/8, the tiny preset's p = 50 nearly all of it below t = 0.01. At t = 0 the ideal
+training below t = 1/8, the tiny preset's p = 50 puts 91% below t = 0.01. At t = 0 the ideal
 I2C velocity is E[x_class | x_image] - x_image, so one Euler step x_image + v(x_image, 0) is the
 posterior mean of the class means: the "t = 0 read-out" (READOUT).
 
