@@ -2524,7 +2524,7 @@ def test_error_found_by_rank_0_alone_ends_every_rank_with_one_message(data_dir, 
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     processes = start_two_ranks("train.py", *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 100000,
-                                "--ckpt-every", 100000, folder=tmp_path)
+                                "--ckpt-every", 100000, "--keep-every", 100000, folder=tmp_path)
     deadline = time.time() + 90
     while not ((out / "log.jsonl").exists() and len((out / "log.jsonl").read_text().splitlines()) >= 3):
         assert all(p.poll() is None for p in processes) and time.time() < deadline
