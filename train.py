@@ -32,7 +32,7 @@ from model_unet import UNET_PRESETS, reference_attention
 # lets both directions learn within the demo budget: image->class samples train at the image end (t = u^50),
 # where the class must be read, and so need fewer of them (30% of the batch, the rest learns to draw).
 TRAIN_PRESETS = {
-    "tiny": dict(lr=1e-3, batch_size=64, max_steps=800, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
+    "tiny": dict(lr=1e-3, batch_size=64, max_steps=1000, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
                  grad_clip=1.0,
                  embedding="text", std_scale=0.5, i2c_time_power=50.0, lambda_b=0.3),
     "mnist": dict(max_steps=120_000), "cifar": dict(max_steps=300_000), "imagenet": dict(max_steps=400_000),
