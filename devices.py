@@ -122,7 +122,8 @@ def bf16_is_fast(device):
 
 
 def place(model, device, nhwc_on_cpu=False):
-    """The model on `device`, a convolutional one in NHWC on a CPU: oneDNN runs it faster there (tiny UNet
-    47.2 vs 37.8 img/s, the FID Inception 1.6x), while on an H100 NHWC costs the UNet 10-17% of its throughput."""
+    """The model on `device`, a convolutional one in NHWC on a CPU: oneDNN runs it faster there (tiny UNet fp32,
+    batch 8, 2 idle cores of a Xeon without bf16 units: 47.2 vs 37.8 img/s; the FID Inception 1.6-1.8x), while on
+    an H100 (bf16, batch 256) NHWC costs the UNet 10-17% of its throughput (RESULTS.md, Speed)."""
     nhwc = nhwc_on_cpu and torch.device(device).type == "cpu"
     return model.to(device, memory_format=torch.channels_last if nhwc else torch.preserve_format)
