@@ -1,4 +1,4 @@
-# make demo: train a tiny bidirectional model on real MNIST on the CPU (README: minutes on 2 cores), sample both ways.
+# make demo: train a tiny bidirectional model on real MNIST on the CPU (README: minutes, machine), sample both ways.
 # make test: the test suite. Both create .venv on first use; everything installs offline-capable.
 PY := .venv/bin/python
 DEMO := runs/demo

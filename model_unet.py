@@ -2,11 +2,12 @@
 
     v_θ(x, t, cond, direction) : (N, C, H, W) -> (N, C, H, W)
 
-Encoder: a stem conv, then per level `num_res_blocks` residual blocks (with self-attention where the
-feature map size is in `attention_resolutions`) and a strided-conv downsample; a middle of
-ResBlock-Attention-ResBlock; the decoder mirrors it, each block taking the matching encoder activation
-on channels, upsampling by nearest + conv. The DiT's conditioning vector emb (model_dit.ConditionEmbedder)
-enters each residual block by scale-shift normalisation:
+The embeddings of t, of the guidance label cond and of the direction live in model_dit.py (ConditionEmbedder,
+shared by both models). Encoder: a stem conv, then per level `num_res_blocks` residual blocks (with
+self-attention where the feature map size is in `attention_resolutions`) and a strided-conv downsample; a
+middle of ResBlock-Attention-ResBlock; the decoder mirrors it, each block taking the matching encoder activation
+on channels, upsampling by nearest + conv. The conditioning vector emb enters each residual block by
+scale-shift normalisation:
 
     (scale, shift) = Linear(SiLU(emb)),   h = GroupNorm(h) · (1 + scale) + shift.
 
