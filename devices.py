@@ -5,6 +5,7 @@ collectives (all but DDP's gradient averaging) go through here; alone, each of t
 """
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -40,17 +41,44 @@ def is_main_process():
 
 
 def on_rank0(fn, others=None):
-    """fn() on rank 0, then others() on the other ranks (None without it). A user error on rank 0 (a bad
-    --out, a missing dataset) stops every rank with its message: none waits forever in a collective."""
+    """fn() on rank 0, then others() on the other ranks (None without it). Any error on rank 0 (a bad --out, a
+    missing dataset, a bug) stops every rank with its one line: none waits forever in a collective."""
     result, error = None, None
     if is_main_process():
         try:
             result = fn()
-        except USER_ERRORS as e:
-            error = str(e)
-    if error := all_gather_object(error)[0]:  # rank 0's error reaches every rank
-        raise ValueError(error)
+        except Exception as e:
+            error = error_line(e)
+    agree(error)
     return result if is_main_process() or others is None else others()
+
+
+def in_turn(fn, *args):
+    """fn(*args) on rank 0, then on the first process of each other node, then on the rest: the rest of a node find the
+    files its first process prepared (a dataset), and a node that shares no file system with rank 0 prepares its
+    own, once. An error stops every rank with its one line."""
+    local_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    my_turn, result = 0 if is_main_process() else 1 if local_first else 2, None
+    for turn in range(3):
+        error = None
+        if turn == my_turn:
+            try:
+                result = fn(*args)
+            except Exception as e:
+                error = error_line(e)
+        agree(error)
+    return result
+
+
+def error_line(error):
+    """An exception as one line: a user error's message; anything else (a full disk, a bug) named by its type."""
+    return str(error) if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {error}"
+
+
+def agree(error, group=None):
+    """Every rank raises the first error line any rank reports (None: no error), so that all stop together."""
+    if error := next(filter(None, all_gather_object(error, group)), None):
+        raise ValueError(error)
 
 
 def all_reduce(tensor, op="sum", group=None):
@@ -71,15 +99,16 @@ def broadcast_(*modules):
 
 
 def host_group():
-    """A gloo group for small host-side flags: agreeing on them never waits for the GPU. None alone."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+    """A gloo group for small host-side flags: agreeing on them never waits for the GPU, and its wait outlasts
+    rank 0's longest work (a 50k-image FID takes longer than NCCL's 10-minute watchdog). None alone."""
+    return dist.new_group(backend="gloo", timeout=timedelta(hours=12)) if dist.is_initialized() else None
 
 
-def all_gather_object(obj):
+def all_gather_object(obj, group=None):
     """[obj of rank 0, obj of rank 1, ...] on every process."""
     gathered = [obj] * world_size()
     if dist.is_initialized():
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 

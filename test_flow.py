@@ -2521,6 +2521,20 @@ def test_error_found_by_rank_0_alone_ends_every_rank_with_one_message(data_dir, 
     assert (tmp_path / "stderr0").read_text().count("\n") == 1 and (tmp_path / "stderr1").read_text() == ""
 
 
+def test_a_failure_in_rank_0s_periodic_work_ends_every_rank_at_once_with_one_line(data_dir, tmp_path):
+    # A real failure, not a user error: the step-2 grid's path is taken by a directory, so saving it raises
+    # IsADirectoryError on rank 0 alone, while rank 1 waits for it on the host group.
+    out = tmp_path / "run"
+    (out / "c2i_0000002.png").mkdir(parents=True)
+    processes = start_two_ranks("train.py", *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 4,
+                                "--sample-every", 2, folder=tmp_path)
+    assert wait_all(processes, timeout=60) == [2, 2]
+    stderr = (tmp_path / "stderr0").read_text()
+    assert stderr.startswith("error: rank 0's grids or evaluation at step 2 failed: IsADirectoryError: ")
+    assert stderr.count("\n") == 1 and (tmp_path / "stderr1").read_text() == ""
+    assert [r["step"] for r in log_records(out)] == [1, 2]  # and no rank went on training
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     processes = start_two_ranks("train.py", *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 100000,
