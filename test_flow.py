@@ -1410,18 +1410,19 @@ def test_two_ranks_that_start_from_different_weights_end_with_the_same_weights_a
 
 # ------------------------------ checkpoints and exact resume
 
-def assert_same_run(out, other):
+def assert_same_run(out, other, steps=RUN_STEPS):
     """Bitwise the same losses at every step, and the same final weights, EMA, optimizer and RNG."""
     ours, theirs = log_records(out), log_records(other)
-    assert [r["step"] for r in ours] == list(range(1, RUN_STEPS + 1))
+    assert [r["step"] for r in ours] == list(range(1, steps + 1))
     assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
     a, b = load_checkpoint(str(Path(out) / "last.pt")), load_checkpoint(str(Path(other) / "last.pt"))
-    assert a["step"] == b["step"] == RUN_STEPS and a["data_state"] == b["data_state"]
+    assert a["step"] == b["step"] == steps and a["data_state"] == b["data_state"]
     for key in ("model", "ema", "embedder", "ema_embedder"):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     for k, state in a["optimizer"]["state"].items():
         assert all(torch.equal(state[name], b["optimizer"]["state"][k][name]) for name in state)
-    assert torch.equal(a["rng"][0]["generator"], b["rng"][0]["generator"])
+    assert len(a["rng"]) == len(b["rng"])
+    assert all(torch.equal(ra[key], rb[key]) for ra, rb in zip(a["rng"], b["rng"]) for key in ("generator", "torch"))
 
 
 def test_checkpoint_holds_only_tensors_and_plain_values(run):
@@ -2582,6 +2583,25 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(dat
     assert [r["step"] for r in log_records(out)] == list(range(1, step + 1))  # rank 0 alone writes the log
     # One checkpoint and one log, and no sample grids: a pre-empted job must exit within its grace period.
     assert sorted(p.suffix for p in out.iterdir()) == [".jsonl", ".pt"]
+
+
+def test_a_two_process_run_with_a_rank_sigkilled_resumes_to_the_uninterrupted_runs_weights(data_dir, tmp_path):
+    # A UNet with dropout: each rank draws its own masks, so both ranks' streams must come back from last.pt.
+    unet = [*MICRO_RUN, *MICRO_UNET, "--dropout", "0.1", "--ckpt-every", 2, "--data-dir", data_dir]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert wait_all(start_two_ranks("train.py", *unet, "--out", whole, "--max-steps", 10, folder=tmp_path)) == [0, 0]
+    processes = start_two_ranks("train.py", *unet, "--out", killed, "--max-steps", 100000, folder=tmp_path)
+    deadline = time.time() + 90
+    while not ((killed / "log.jsonl").exists() and len((killed / "log.jsonl").read_text().splitlines()) >= 5):
+        assert all(p.poll() is None for p in processes) and time.time() < deadline
+        time.sleep(0.01)
+    processes[1].kill()  # SIGKILL, mid-run: step 4 was saved
+    processes[0].kill()  # then the job ends, as torchrun ends it when a worker dies
+    wait_all(processes)
+    assert 4 <= load_checkpoint(str(killed / "last.pt"))["step"] < 10
+    resumed = start_two_ranks("train.py", *unet, "--out", killed, "--max-steps", 10, "--resume", folder=tmp_path)
+    assert wait_all(resumed) == [0, 0], (tmp_path / "stderr0").read_text()[-3000:]
+    assert_same_run(killed, whole, steps=10)
 
 
 def test_training_minutes_sum_each_log_records_steps_over_its_speed_and_the_curve_is_drawn(tmp_path):
