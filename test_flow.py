@@ -1374,7 +1374,7 @@ TRAIN_AND_KEEP_EVERY_RANK = textwrap.dedent("""
     import torch
     import train
 
-    rank, build_model, save = int(os.environ["RANK"]), train.build_model, train.save
+    rank, build_model, save = int(os.environ.get("RANK", 0)), train.build_model, train.save
     kept = {}
 
     def build_and_keep(args):
@@ -1392,20 +1392,36 @@ TRAIN_AND_KEEP_EVERY_RANK = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_that_start_from_different_weights_end_with_the_same_weights_and_ema(data_dir, tmp_path):
-    # Each rank seeds its own init (seed * world + rank): rank 0's weights must reach the other before its
-    # EMA is copied, or rank 1 averages from its own init and its EMA (the one sampled from) differs.
+def test_two_ranks_end_with_the_same_weights_and_ema_and_track_one_process_on_the_global_batch(data_dir, tmp_path):
+    """12 steps on 2 processes (4 pairs each) against 12 on one process (all 8): rank 0 seeds the init and
+    both read the same 8 images a step (DistributedSampler), yet their losses differ by up to 0.05 (measured
+    0.026) and their weights' moves by about half their size (measured 0.50 of the norm), not 0: each rank
+    draws its times from its own stream (seed * world + rank), so rank 1's t differ from the 1-process run's,
+    and AdamW's early steps magnify small gradient changes. The flags leave t the only draw (l2i, no CFG
+    dropout, noiseless rectangle latents). Without the DDP wrap the ranks keep apart (checked: deleting it
+    fails the first assertion); rank 0's weights would still track, so tracking alone would not catch it."""
     script, out = tmp_path / "keep.py", tmp_path / "run"
     script.write_text(TRAIN_AND_KEEP_EVERY_RANK)
-    processes = start_two_ranks(script, *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 2,
-                                "--ema-decay", 0.9, "--no-ema-warmup", folder=tmp_path)
+    # Each rank seeds its own init (seed * world + rank): rank 0's weights must reach the other before its
+    # EMA is copied, or rank 1 averages from its own init and its EMA (the one sampled from) differs.
+    flags = [*MICRO_RUN, "--data-dir", data_dir, "--max-steps", 12, "--ema-decay", 0.9, "--no-ema-warmup",
+             "--lr", "1e-3", "--mode", "l2i", "--cfg-dropout", "0", "--embedding", "rectangle", "--std-scale", "0"]
+    processes = start_two_ranks(script, *flags, "--out", out, folder=tmp_path)
     assert wait_all(processes) == [0, 0], (tmp_path / "stderr0").read_text()[-3000:]
     rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
-    assert any(not torch.equal(rank0["init"][k], rank1["init"][k]) for k in rank0["init"])  # they did differ
     for key in ("model", "ema", "embedder", "ema_embedder"):
         for name, tensor in rank0[key].items():
             assert torch.equal(tensor, rank1[key][name]), f"{key} {name}"
+    assert any(not torch.equal(rank0["init"][k], rank1["init"][k]) for k in rank0["init"])  # they did differ
     assert any(not torch.equal(rank0["ema"][k], rank0["model"][k]) for k in rank0["model"])  # an average
+
+    succeeds(train_micro(data_dir, tmp_path / "one", *flags[len(MICRO_RUN):]))
+    one = load_checkpoint(str(tmp_path / "one" / "last.pt"))["model"]
+    losses_one, losses_two = (np.array([r["loss"] for r in log_records(o)]) for o in (tmp_path / "one", out))
+    assert len(losses_one) == len(losses_two) == 12 and np.abs(losses_one - losses_two).max() < 0.05
+    move_one = torch.cat([(one[k] - rank0["init"][k]).flatten() for k in one if one[k].is_floating_point()])
+    move_two = torch.cat([(rank0["model"][k] - rank0["init"][k]).flatten() for k in one if one[k].is_floating_point()])
+    assert (move_two - move_one).norm() < 0.75 * move_one.norm()
 
 
 # ------------------------------ checkpoints and exact resume
