@@ -2584,6 +2584,42 @@ def test_a_failure_in_rank_0s_periodic_work_ends_every_rank_at_once_with_one_lin
     assert [r["step"] for r in log_records(out)] == [1, 2]  # and no rank went on training
 
 
+NOTE_WHO_PREPARES_MNIST = textwrap.dedent("""
+    # Each conversion of MNIST into a data folder leaves a line there, so a test can count them.
+    import os
+    import data
+    convert = data._mnist_idx_from_csv
+
+    def convert_and_note(csv_dir, raw_dir):
+        convert(csv_dir, raw_dir)
+        with open(raw_dir.parent.parent / "prepared-by", "a") as f:
+            f.write(os.environ["RANK"] + "\\n")
+
+    data._mnist_idx_from_csv = convert_and_note
+""")
+
+
+def test_two_nodes_joined_by_a_c10d_rendezvous_train_to_the_same_weights(data_dir, tmp_path):
+    # Two torchrun launches on this machine as two nodes, of one and two processes. They share no data folder:
+    # the second node's starts empty, and one of its processes (not both) must prepare MNIST there itself.
+    script, out, port = tmp_path / "keep.py", tmp_path / "run", free_port()
+    script.write_text(NOTE_WHO_PREPARES_MNIST + TRAIN_AND_KEEP_EVERY_RANK)
+    launches = []
+    for node, folder in enumerate((data_dir, tmp_path / "node1-data")):
+        torchrun = [str(Path(PYTHON).parent / "torchrun"), "--nnodes", "2", "--node-rank", str(node),
+                    "--nproc-per-node", str(node + 1), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}"]
+        launches.append(subprocess.Popen([*torchrun, str(script), *MICRO_RUN, "--data-dir", str(folder), "--out",
+                                          str(out), "--max-steps", "2", "--batch-size", "6", "--device", "cpu"],
+                                         cwd=REPO, env=child_env(), stdout=open(tmp_path / f"node{node}", "w"),
+                                         stderr=subprocess.STDOUT))
+    assert wait_all(launches, timeout=150) == [0, 0], (tmp_path / "node1").read_text()[-3000:]
+    assert len((tmp_path / "node1-data" / "prepared-by").read_text().split()) == 1  # once on the second node
+    ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(3)]
+    for other in ranks[1:]:
+        assert all(torch.equal(ranks[0]["model"][k], other["model"][k]) for k in ranks[0]["model"])
+    assert load_checkpoint(str(out / "last.pt"))["step"] == 2 and len(log_records(out)) == 2  # one writer
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     processes = start_two_ranks("train.py", *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 100000,
