@@ -40,34 +40,31 @@ def is_main_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def on_rank0(fn, others=None):
-    """fn() on rank 0, then others() on the other ranks (None without it). Any error on rank 0 (a bad --out, a
-    missing dataset, a bug) stops every rank with its one line: none waits forever in a collective."""
+def when(mine, fn, *args):
+    """fn(*args) where `mine` is True, while the other ranks wait. Any error there (a bad --out, a missing
+    dataset, a bug) stops every rank with its one line: none waits forever in a collective."""
     result, error = None, None
-    if is_main_process():
+    if mine:
         try:
-            result = fn()
+            result = fn(*args)
         except Exception as e:
             error = error_line(e)
     agree(error)
+    return result
+
+
+def on_rank0(fn, others=None):
+    """fn() on rank 0, then others() on the other ranks (None without it); an error on rank 0 stops all."""
+    result = when(is_main_process(), fn)
     return result if is_main_process() or others is None else others()
 
 
 def in_turn(fn, *args):
-    """fn(*args) on rank 0, then on the first process of each other node, then on the rest: the rest of a node find the
-    files its first process prepared (a dataset), and a node that shares no file system with rank 0 prepares its
-    own, once. An error stops every rank with its one line."""
-    local_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
-    my_turn, result = 0 if is_main_process() else 1 if local_first else 2, None
-    for turn in range(3):
-        error = None
-        if turn == my_turn:
-            try:
-                result = fn(*args)
-            except Exception as e:
-                error = error_line(e)
-        agree(error)
-    return result
+    """fn(*args) on rank 0, then on each other node's first process, then on the rest: these find the files
+    (a dataset) their node's first process prepared, and a node that shares no disk with rank 0 prepares its own."""
+    my_turn = 0 if is_main_process() else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    results = [when(turn == my_turn, fn, *args) for turn in range(3)]
+    return results[my_turn]
 
 
 def error_line(error):

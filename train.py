@@ -345,8 +345,7 @@ def main(args):
 
 
 def load_train_set(args):
-    """The training set. Preparing it (converting, fetching, caching) writes under --data-dir: a failure to write
-    is one line. A read-only --data-dir that already holds the prepared files is fine: nothing probes it."""
+    """The training set; preparing it writes under --data-dir (a read-only one that holds it is fine: no probe)."""
     try:
         return data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
     except FileNotFoundError:
