@@ -40,7 +40,7 @@ def is_main_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def when(mine, fn, *args):
+def when(mine, fn, *args, group=None):
     """fn(*args) where `mine` is True, while the other ranks wait. Any error there (a bad --out, a missing
     dataset, a bug) stops every rank with its one line: none waits forever in a collective."""
     result, error = None, None
@@ -49,7 +49,7 @@ def when(mine, fn, *args):
             result = fn(*args)
         except Exception as e:
             error = error_line(e)
-    agree(error)
+    agree(error, group)
     return result
 
 
@@ -59,11 +59,11 @@ def on_rank0(fn, others=None):
     return result if is_main_process() or others is None else others()
 
 
-def in_turn(fn, *args):
+def in_turn(fn, *args, group=None):
     """fn(*args) on rank 0, then on each other node's first process, then on the rest: these find the files
     (a dataset) their node's first process prepared, and a node that shares no disk with rank 0 prepares its own."""
     my_turn = 0 if is_main_process() else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
-    results = [when(turn == my_turn, fn, *args) for turn in range(3)]
+    results = [when(turn == my_turn, fn, *args, group=group) for turn in range(3)]
     return results[my_turn]
 
 

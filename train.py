@@ -261,6 +261,7 @@ def restore(ckpt, stateful, generator, world_size, rank):
 
 def main(args):
     rank, world_size, device = devices.setup(args.device)
+    control = devices.host_group()  # for waits on the host: SIGTERM, data preparation, rank 0's periodic work
     args.bf16 = devices.bf16_is_fast(device) if args.bf16 is None else args.bf16
     devices.on_rank0(lambda: check_out_dir(args.out, args.resume))
     last_pt = os.path.join(args.out, "last.pt")
@@ -283,7 +284,7 @@ def main(args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     # Data: rank 0 finds (or fetches, or caches) it first, then each node's first process, then the rest read it.
-    images, labels = devices.in_turn(load_train_set, args)
+    images, labels = devices.in_turn(load_train_set, args, group=control)
     batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
     stateful = dict(model=model, ema=ema, embedder=embedder, ema_embedder=ema_embedder, optimizer=optimizer,
                     data_state=batches)
@@ -296,7 +297,7 @@ def main(args):
 
     # SIGTERM (pre-emption): finish the step, save, exit. It reaches the ranks at different steps, so they
     # agree on stopping over a host-side group (no wait on the GPU), or one would wait forever in a collective.
-    sigterm, control = [], devices.host_group()
+    sigterm, failure = [], None  # failure: rank 0's periodic work failed (then every rank stops)
     signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
     if rank == 0:
         print(f"{args.model} preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -327,7 +328,6 @@ def main(args):
         # others wait on the host group, whose long timeout outlasts an evaluation; a failure stops every rank.
         sample_now = step % args.sample_every == 0 or step == args.max_steps  # not on SIGTERM: exit fast
         eval_now = args.eval_every and (step % args.eval_every == 0 or step == args.max_steps)
-        failure = None
         if rank == 0 and (sample_now or eval_now):
             try:
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
