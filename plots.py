@@ -3,7 +3,7 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid, save_image
 
@@ -44,27 +44,22 @@ def save_i2c_grid(model, embedder, flow, args, path, device='cpu', num_per_class
 
 
 def draw_i2c_reads(images, labels, predicted, path, nrow):
-    """Each uint8 image in a 2-pixel frame, green where I2C read its class right and red where wrong, the class id
-    read written in the same colour in the 20 pixels to its right; nrow images a row."""
+    """Each uint8 image framed green where I2C read its class right, red where wrong, the class read to its right."""
     n, _, h, w = images.shape
     picture = Image.new('RGB', (nrow * (w + 24), -(-n // nrow) * (h + 4)), 'white')
-    draw = ImageDraw.Draw(picture)
     for i, (image, label, read) in enumerate(zip(images.cpu(), labels.tolist(), predicted.tolist())):
         x, y, colour = i % nrow * (w + 24), i // nrow * (h + 4), (0, 160, 0) if read == label else (220, 0, 0)
-        draw.rectangle([x, y, x + w + 3, y + h + 3], fill=colour)
-        picture.paste(Image.fromarray(image.expand(3, h, w).permute(1, 2, 0).numpy()), (x + 2, y + 2))
-        draw.text((x + w + 7, y + h // 2 - 6), str(read), fill=colour)
+        picture.paste(ImageOps.expand(to_pil_image(image).convert('RGB'), border=2, fill=colour), (x, y))  # framed
+        ImageDraw.Draw(picture).text((x + w + 7, y + h // 2 - 6), str(read), fill=colour)
     picture.save(path)
 
 
 def save_trajectory(c2i, i2c, path):
-    """z_t along the ODE, (n, T, C, H, W) each way. A PNG: a row per trajectory, time left to right; a .gif: a
-    frame per time with each way's n side by side, C2I frames then I2C, the last of each held for a second."""
+    """z_t, (n, T, C, H, W) each way: to a PNG a row each; to a .gif a frame per time, C2I then I2C, ends held 1 s."""
     rows = c2i if i2c is None else torch.cat([c2i, i2c])
     if not str(path).endswith('.gif'):
         return save_image(rows.flatten(0, 1), path, nrow=rows.shape[1], **PNG)
-    frames = [to_pil_image(make_grid(frame, nrow=len(c2i), **PNG)) for way in rows.split(len(c2i))
-              for frame in way.transpose(0, 1)]
+    frames = [to_pil_image(make_grid(z, nrow=len(c2i), **PNG)) for way in rows.split(len(c2i)) for z in way.unbind(1)]
     durations = [1000 if (k + 1) % rows.shape[1] == 0 else 150 for k in range(len(frames))]  # milliseconds
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
@@ -146,6 +141,5 @@ def plot_learning_curve(points, path, panel=360, margin=50):
             draw.line(pixels, fill=colours[i], width=2)
             for x, y in pixels:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[i])
-            draw.text((left + 8, margin + panel + 8 + 12 * i), f'{name}: {sorted(xy)[-1][1]:.1f} at the end',
-                      fill=colours[i])
+            draw.text((left + 8, margin + panel + 8 + 12 * i), f'{name}: {max(xy)[1]:.1f} at the end', fill=colours[i])
     image.save(path)

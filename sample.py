@@ -7,12 +7,11 @@
     python sample.py runs/demo/last.pt --trajectory --out t.gif    # z_t along the ODE, both ways (.png: a strip)
     torchrun --nproc_per_node 4 sample.py runs/demo/last.pt --num-per-class 64   # sharded, same images
 
-C2I integrates from a class latent x_class = m_c + std_scale * eps to an image, I2C from a test image to a
-class latent read off as the nearest class mean (EMA weights). I2C scores the first --num-samples test images of
-data.balanced_subset (a seeded shuffle dealt round-robin over the classes), as evaluate.py does; its picture frames
-each image green (read right) or red, beside the class read, and STEM_confusion.png counts the reads. Every process
-draws all the noise from --seed and integrates its share, so the images do not depend on the number of processes;
-interpolation and arithmetic strips use the noise of the plain C2I samples of the same seed.
+C2I integrates from a class latent x_class = m_c + std_scale * eps to an image, I2C from a test image to a class
+latent read off as the nearest class mean (EMA weights), on the first --num-samples test images of data.balanced_subset,
+as evaluate.py; its picture frames each image green (read right) or red, beside the class read, and STEM_confusion.png
+counts the reads. Every process draws all the noise from --seed and integrates its share, so the images do not depend
+on the number of processes; interpolation and arithmetic strips use the noise of the plain C2I samples of the same seed.
 """
 import argparse
 import os
@@ -145,8 +144,10 @@ def main():
     p.add_argument("--num-frames", type=int, default=10, help="--interpolate / --trajectory frames")
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
     args = p.parse_args()
-    if (args.steps is not None and args.steps <= 0) or min(args.num_per_class, args.num_rows, args.num_samples) <= 0:
-        raise ValueError("--steps, --num-per-class, --num-rows and --num-samples must be positive")
+    if (args.steps is not None and args.steps <= 0) or args.num_per_class <= 0 or args.num_rows <= 0:
+        raise ValueError("--steps, --num-per-class and --num-rows must be positive")
+    if args.num_samples <= 0:
+        raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
     if args.cfg_scale < 0:
         raise ValueError(f"--cfg-scale must be >= 0 (1 is unguided), got {args.cfg_scale}")
     if args.num_frames < 2:
