@@ -98,6 +98,17 @@ def to_unit_range(x_uint8):
     return x_uint8.to(torch.float32) / 127.5 - 1.0
 
 
+def balanced_subset(labels, count):
+    """The first `count` (None: all) indices of a seeded shuffle dealt round-robin over the classes: any
+    prefix is class-balanced. The test images that sample.py and evaluate.py score for I2C."""
+    shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    rank_in_class = torch.empty(len(labels), dtype=torch.long)
+    for c in labels.unique():
+        in_class = labels[shuffled] == c
+        rank_in_class[in_class] = torch.arange(int(in_class.sum()))
+    return shuffled[torch.argsort(rank_in_class * len(labels) + torch.arange(len(labels)))][:count]
+
+
 def random_hflip(x, generator=None):
     """Mirror each image left-right with probability 1/2; coins drawn on the generator's device (a seeded CPU
     generator flips alike wherever x lives)."""
@@ -116,6 +127,11 @@ def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_c
     else:
         images, labels = _load_idx_dataset(name, split, data_dir, download)
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_test_set(args, data_dir=None):
+    """The test split of a run's dataset (args: its train.py flags), from data_dir or the run's own."""
+    return load_dataset(args['dataset'], 'test', data_dir or args['data_dir'], args['image_size'])
 
 
 def _read_idx(path):

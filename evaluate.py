@@ -41,7 +41,7 @@ import inception
 from plots import plot_confusion, plot_fid_against_nfe, plot_learning_curve
 from classifier import c2i_class_accuracy, confusion_matrix, load_classifier
 from checkpoint import build_from_checkpoint, load_checkpoint
-from data import atomic_write, cache_dir
+from data import atomic_write, balanced_subset, cache_dir
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, DEFAULT_STEPS, DEFAULT_TIME_GRID, READOUT, SOLVERS, TIME_GRIDS, network_passes
 
@@ -118,17 +118,6 @@ def precision_recall(real_features, fake_features, k=3, block_size=1024):
 def quantise(images):
     """What a saved PNG holds: 8-bit levels, back in [-1, 1]. Both judges see generated images so."""
     return torch.round((images.float().clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
-
-
-def balanced_subset(labels, count):
-    """The first `count` (None: all) indices of a seeded shuffle dealt round-robin over the classes: any
-    prefix is class-balanced like the samples."""
-    shuffled = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    rank_in_class = torch.empty(len(labels), dtype=torch.long)
-    for c in labels.unique():
-        in_class = labels[shuffled] == c
-        rank_in_class[in_class] = torch.arange(int(in_class.sum()))
-    return shuffled[torch.argsort(rank_in_class * len(labels) + torch.arange(len(labels)))][:count]
 
 
 def reference_features(dataset, data_dir, image_size, count, fid_inception, split='test', batch_size=100):

@@ -1,8 +1,67 @@
-"""Pictures of evaluation results, drawn with Pillow: FID against network passes, and confusion matrices."""
+"""Pictures of a flow and its evaluation: sample grids, I2C reads, GIFs, FID against passes, confusions, curves."""
 import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+import torch
+from PIL import Image, ImageDraw, ImageOps
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid, save_image
+
+import data
+from devices import is_main_process, run_sharded
+
+PNG = dict(normalize=True, value_range=(-1, 1), padding=1)  # [-1, 1] -> black..white; latents beyond +-1 clamp
+
+
+def save_c2i_grid(model, embedder, flow, args, path, device='cpu', classes=None, num_per_class=8, seed=0,
+                  sharded=False, **kw):
+    """num_per_class images of each class, a row per class; kw: flow.integrate's sampler. With sharded=True
+    (under torchrun) the processes split the work and rank 0 writes. Returns (images, labels, nfe)."""
+    y = torch.tensor(classes or range(args['num_classes']), device=device).repeat_interleave(num_per_class)
+    z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
+    images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
+    if is_main_process():
+        save_image(images, path, nrow=num_per_class, **PNG)
+    return images, y, nfe
+
+
+def save_i2c_grid(model, embedder, flow, args, path, device='cpu', num_per_class=4, num_samples=None, data_dir=None,
+                  sharded=False, **kw):
+    """I2C on the first num_samples (default: the picture's) of data.balanced_subset's test images, drawn as a row
+    per class of num_per_class (draw_i2c_reads). Returns their latents, labels and reads (pred_l2, pred_cos)."""
+    test_images, test_labels = data.load_test_set(args, data_dir)
+    num_drawn = num_per_class * args['num_classes']
+    scored = slice(num_samples or num_drawn)
+    indices = data.balanced_subset(test_labels, max(num_samples or 0, num_drawn))  # any prefix is class-balanced
+    latents, _ = run_sharded(lambda images: (torch.cat([flow.i2c(model, embedder, chunk, **kw)[0]
+                                                        for chunk in images.split(500)]), 0),
+                             data.to_unit_range(test_images[indices]).to(device), sharded=sharded)
+    (pred_l2, pred_cos), labels = embedder.decode(latents), test_labels[indices].to(device)
+    if is_main_process():
+        rows = torch.argsort(labels[:num_drawn].cpu(), stable=True)  # a row per class
+        draw_i2c_reads(test_images[indices[rows]], labels[rows], pred_l2[rows], path, nrow=num_per_class)
+    return dict(latents=latents[scored], labels=labels[scored], pred_l2=pred_l2[scored], pred_cos=pred_cos[scored])
+
+
+def draw_i2c_reads(images, labels, predicted, path, nrow):
+    """Each uint8 image framed green where I2C read its class right, red where wrong, the class read to its right."""
+    n, _, h, w = images.shape
+    picture = Image.new('RGB', (nrow * (w + 24), -(-n // nrow) * (h + 4)), 'white')
+    for i, (image, label, read) in enumerate(zip(images.cpu(), labels.tolist(), predicted.tolist())):
+        x, y, colour = i % nrow * (w + 24), i // nrow * (h + 4), (0, 160, 0) if read == label else (220, 0, 0)
+        picture.paste(ImageOps.expand(to_pil_image(image).convert('RGB'), border=2, fill=colour), (x, y))  # framed
+        ImageDraw.Draw(picture).text((x + w + 7, y + h // 2 - 6), str(read), fill=colour)
+    picture.save(path)
+
+
+def save_trajectory(c2i, i2c, path):
+    """z_t, (n, T, C, H, W) each way: to a PNG a row each; to a .gif a frame per time, C2I then I2C, ends held 1 s."""
+    rows = c2i if i2c is None else torch.cat([c2i, i2c])
+    if not str(path).endswith('.gif'):
+        return save_image(rows.flatten(0, 1), path, nrow=rows.shape[1], **PNG)
+    frames = [to_pil_image(make_grid(z, nrow=len(c2i), **PNG)) for way in rows.split(len(c2i)) for z in way.unbind(1)]
+    durations = [1000 if (k + 1) % rows.shape[1] == 0 else 150 for k in range(len(frames))]  # milliseconds
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0)
 
 
 def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
@@ -35,8 +94,8 @@ def plot_fid_against_nfe(results, path, width=760, height=460, margin=60):
 
 
 def plot_confusion(result, path, grid=400, left=30, top=40):
-    """The result's C2I and (if any) I2C confusion matrices side by side, shaded by row-normalised counts."""
-    panels = [("C2I: rows requested class, columns classifier's label", result['c2i_confusion']),
+    """The result's C2I and I2C confusion matrices (those it has) side by side, shaded by row-normalised counts."""
+    panels = [("C2I: rows requested class, columns classifier's label", result.get('c2i_confusion')),
               ('I2C: rows true class, columns nearest mean (L2)', result.get('i2c_confusion_l2'))]
     panels = [(title, np.asarray(counts)) for title, counts in panels if counts is not None]
     cell, width = grid // len(panels[0][1]), left + grid + 10
@@ -82,6 +141,5 @@ def plot_learning_curve(points, path, panel=360, margin=50):
             draw.line(pixels, fill=colours[i], width=2)
             for x, y in pixels:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[i])
-            draw.text((left + 8, margin + panel + 8 + 12 * i), f'{name}: {sorted(xy)[-1][1]:.1f} at the end',
-                      fill=colours[i])
+            draw.text((left + 8, margin + panel + 8 + 12 * i), f'{name}: {max(xy)[1]:.1f} at the end', fill=colours[i])
     image.save(path)

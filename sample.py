@@ -1,16 +1,17 @@
 """Sample a trained flow in either direction, from its checkpoint alone.
 
     python sample.py runs/demo/last.pt                    # C2I grid: a row per class
-    python sample.py runs/demo/last.pt --direction i2c    # I2C on real test images: accuracy + latents
+    python sample.py runs/demo/last.pt --direction i2c    # I2C on real test images: accuracy, reads, confusion
     python sample.py runs/demo/last.pt --interpolate 1 7 --num-frames 10    # C2I along m_1 -> m_7
     python sample.py runs/demo/last.pt --arithmetic "1 + 7 - 3"             # C2I of m_1 + m_7 - m_3
-    python sample.py runs/demo/last.pt --trajectory       # z_t along the ODE, both ways: PNG strip
+    python sample.py runs/demo/last.pt --trajectory --out t.gif    # z_t along the ODE, both ways (.png: a strip)
     torchrun --nproc_per_node 4 sample.py runs/demo/last.pt --num-per-class 64   # sharded, same images
 
-C2I integrates from a class latent x_class = m_c + std_scale * eps to an image, I2C from a test image to a
-class latent read off as the nearest class mean (EMA weights). Every process draws all the noise from
---seed and integrates its share, so the images do not depend on the number of processes; interpolation
-and arithmetic strips use the noise of the plain C2I samples of the same seed.
+C2I integrates from a class latent x_class = m_c + std_scale * eps to an image, I2C from a test image to a class
+latent read off as the nearest class mean (EMA weights), on the first --num-samples test images of data.balanced_subset,
+as evaluate.py; its picture frames each image green (read right) or red, beside the class read, and STEM_confusion.png
+counts the reads. Every process draws all the noise from --seed and integrates its share, so the images do not depend
+on the number of processes; interpolation and arithmetic strips use the noise of the plain C2I samples of the same seed.
 """
 import argparse
 import os
@@ -23,45 +24,11 @@ from torchvision.utils import save_image
 import data
 import devices
 from checkpoint import build_from_checkpoint, export_ema, load_checkpoint
+from classifier import confusion_matrix
 from devices import is_main_process, run_sharded
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS, network_passes
-
-PNG = dict(normalize=True, value_range=(-1, 1), padding=1)  # [-1, 1] -> black..white; latents beyond +-1 clamp
-
-
-def load_test_set(args, data_dir=None):
-    """The test split of a run's dataset (args: its train.py flags), from data_dir or the run's own."""
-    return data.load_dataset(args["dataset"], "test", data_dir or args["data_dir"], args["image_size"])
-
-
-def save_c2i_grid(model, embedder, flow, args, path, device="cpu", classes=None, num_per_class=8, seed=0,
-                  sharded=False, **kw):
-    """num_per_class images of each class, a row per class; kw: flow.integrate's sampler. With sharded=True
-    (under torchrun) the processes split the work and rank 0 writes. Returns (images, labels, nfe)."""
-    y = torch.tensor(classes or range(args["num_classes"]), device=device).repeat_interleave(num_per_class)
-    z = embedder(y, torch.Generator(device).manual_seed(seed))  # all latents, on every process
-    images, nfe = run_sharded(lambda zz, yy: flow.c2i(model, embedder, yy, z=zz, **kw), z, y, sharded=sharded)
-    if is_main_process():
-        save_image(images, path, nrow=num_per_class, **PNG)
-    return images, y, nfe
-
-
-def save_i2c_grid(model, embedder, flow, args, path, device="cpu", num_per_class=4, num_samples=None, data_dir=None,
-                  sharded=False, **kw):
-    """I2C on real test images: a row per class of (image, class latent) pairs. Returns (i2c_accuracy's
-    dict, latents, labels) over the first num_samples test images (default: the grid's images)."""
-    test_images, test_labels = load_test_set(args, data_dir)
-    grid = torch.cat([torch.nonzero(test_labels == c)[:num_per_class, 0] for c in range(args["num_classes"])])
-    scored = grid if num_samples is None else torch.arange(min(num_samples, len(test_labels)))
-    x_image = data.to_unit_range(test_images[torch.cat([grid, scored])]).to(device)
-    latents, _ = run_sharded(lambda images: (torch.cat([flow.i2c(model, embedder, chunk, **kw)[0]
-                                                        for chunk in images.split(500)]), 0), x_image, sharded=sharded)
-    pairs = torch.stack([x_image[:len(grid)], latents[:len(grid)].to(x_image.dtype)], dim=1).flatten(0, 1)
-    if is_main_process():
-        save_image(pairs, path, nrow=2 * num_per_class, **PNG)
-    latents, labels = latents[len(grid):], test_labels[scored].to(device)
-    return i2c_accuracy(*embedder.decode(latents), labels, args["num_classes"]), latents, labels
+from plots import PNG, plot_confusion, save_c2i_grid, save_i2c_grid, save_trajectory
 
 
 def parse_class(text, class_names, num_classes):
@@ -144,7 +111,7 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
                            z, y, sharded=sharded)
     if embedder.kind == "noise":
         return c2i, None, nfe
-    test_images, test_labels = load_test_set(args, data_dir)
+    test_images, test_labels = data.load_test_set(args, data_dir)
     first = torch.stack([torch.nonzero(test_labels == c)[0, 0] for c in classes])
     x_image = data.to_unit_range(test_images[first]).to(device)
     i2c, nfe_i2c = run_sharded(lambda xx: rows_first(*flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
@@ -152,14 +119,8 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
     return c2i, i2c, max(nfe, nfe_i2c)
 
 
-def save_trajectory(c2i, i2c, path):
-    """A row per trajectory (C2I rows, then I2C rows), time left to right."""
-    rows = c2i if i2c is None else torch.cat([c2i, i2c])
-    save_image(rows.flatten(0, 1), path, nrow=rows.shape[1], **PNG)
-
-
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--direction", default="c2i", choices=("c2i", "i2c"))
     p.add_argument("--classes", nargs="+", help="C2I: which classes, ids or names (default: all)")
@@ -174,11 +135,11 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="I2C: where the test set is (default: the training run's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="output PNG (default: next to the checkpoint)")
+    p.add_argument("--out", help="output PNG (default: next to the checkpoint), or GIF for --trajectory")
     extra = p.add_mutually_exclusive_group()
     extra.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="C2I along the line from class A to B")
     extra.add_argument("--arithmetic", metavar="EXPR", help="C2I of class means such as 'A + B - C'")
-    extra.add_argument("--trajectory", action="store_true", help="z_t along the ODE, both ways: a PNG strip")
+    extra.add_argument("--trajectory", action="store_true", help="z_t along the ODE, both ways: a PNG strip or a GIF")
     extra.add_argument("--export", metavar="PATH", help="write the EMA weights alone in fp16 (for sampling only)")
     p.add_argument("--num-frames", type=int, default=10, help="--interpolate / --trajectory frames")
     p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
@@ -220,7 +181,7 @@ def run(args, device):
         kw.update(READOUT)
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
         # Rank 0 first: it may have to write the test set to disk, which the others then read.
-        devices.on_rank0(partial(load_test_set, train_args, args.data_dir))
+        devices.on_rank0(partial(data.load_test_set, train_args, args.data_dir))
 
     def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
         passes = network_passes(nfe, args.cfg_scale)
@@ -245,13 +206,12 @@ def run(args, device):
                             seed=args.seed, **kw)[2]
         message = f"wrote {out} (C2I, {args.solver} {cost(nfe)}, cfg {args.cfg_scale})"
     else:
-        scores, latents, labels = save_i2c_grid(model, embedder, flow, train_args, out, num_samples=args.num_samples,
-                                                num_per_class=min(args.num_per_class, 8), data_dir=args.data_dir, **kw)
-        pred_l2, pred_cos = embedder.decode(latents)
-        saved = dict(latents=latents, labels=labels, pred_l2=pred_l2, pred_cos=pred_cos)  # what I2C computes
+        saved = save_i2c_grid(model, embedder, flow, train_args, out, num_samples=args.num_samples,  # what I2C computes
+                              num_per_class=min(args.num_per_class, 8), data_dir=args.data_dir, **kw)
+        scores = i2c_accuracy(saved["pred_l2"], saved["pred_cos"], saved["labels"], num_classes)
         decoder = "t = 0 read-out" if args.i2c_decoder == "readout" else f"{kw['solver']} ODE"
-        message = (f"I2C accuracy on {len(labels)} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
-                   f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out} (image | latent pairs)\nwrote {stem}_latents.pt")
+        message = (f"I2C accuracy on {len(saved['labels'])} test images ({decoder}): {scores['i2c_acc_l2']:.4f} (L2), "
+                   f"{scores['i2c_acc_cos']:.4f} (cosine)\nwrote {out}, {stem}_confusion.png and {stem}_latents.pt")
     if is_main_process():
         if what in ("interpolate", "arithmetic"):  # a strip per noise draw
             save_image(images, out, nrow=len(images) // args.num_rows, **PNG)
@@ -259,6 +219,8 @@ def run(args, device):
             save_trajectory(c2i, i2c, out)
         elif what == "i2c":
             torch.save({k: v.cpu() for k, v in saved.items()}, stem + "_latents.pt")
+            confusion = confusion_matrix(saved["labels"], saved["pred_l2"], num_classes)
+            plot_confusion(dict(kw, i2c_confusion_l2=confusion), stem + "_confusion.png")  # kw: the caption's sampler
         print(message)
 
 

@@ -1575,6 +1575,44 @@ def test_checkpoint_alone_rebuilds_the_model_for_sample_py(run, data_dir, tmp_pa
     assert saved["latents"].shape == (50, 1, 32, 32)
 
 
+def test_i2c_picture_frames_a_right_read_green_and_a_wrong_one_red(tmp_path):
+    images = torch.full((2, 1, 32, 32), 128, dtype=torch.uint8)
+    plots.draw_i2c_reads(images, torch.tensor([3, 5]), torch.tensor([3, 7]), tmp_path / "reads.png", nrow=2)
+    picture = np.asarray(Image.open(tmp_path / "reads.png").convert("RGB"))
+    assert picture.shape == (32 + 4, 2 * (32 + 4 + 20), 3)  # a 2-pixel frame, then 20 pixels for the class read
+    assert tuple(picture[0, 0]) == (0, 160, 0) and tuple(picture[0, 56]) == (220, 0, 0)
+    assert tuple(picture[18, 18]) == (128, 128, 128)  # the image inside its frame
+
+    def ink(left):  # the pixels of the class read, written right of the tile at `left` (antialiased on white)
+        pixels = picture[:, left + 36:left + 56].reshape(-1, 3).astype(int)
+        return pixels[(pixels != 255).any(axis=1)]
+    assert len(ink(0)) > 10 and (ink(0)[:, 1] > ink(0)[:, 0]).all()  # green
+    assert len(ink(56)) > 10 and (ink(56)[:, 0] > ink(56)[:, 1]).all()  # red
+
+
+def test_sample_py_i2c_scores_evaluate_py_subset_and_draws_its_confusion_matrix(run, data_dir, tmp_path, monkeypatch):
+    m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
+    images, labels = data.load_dataset("mnist", "test", data_dir)
+    chosen = evaluate.balanced_subset(labels, 30)  # the test images evaluate.py scores
+    assert not torch.equal(chosen, torch.arange(30))
+    saved = plots.save_i2c_grid(m, e, flow, args, tmp_path / "grid.png", num_per_class=2, num_samples=30, **STEPS)
+    assert torch.equal(saved["labels"], labels[chosen])
+    assert torch.allclose(saved["latents"], flow.i2c(m, e, data.to_unit_range(images[chosen]), **STEPS)[0], atol=1e-5)
+    assert Image.open(tmp_path / "grid.png").size == (2 * (32 + 4 + 20), 10 * (32 + 4))  # a row per class
+
+    drawn, draw = [], plots.plot_confusion
+    monkeypatch.setattr(plots, "plot_confusion", lambda result, path: drawn.append(result) or draw(result, path))
+    succeeds(run_script("sample.py", run["path"], "--direction", "i2c", "--num-samples", 30, "--steps", 3,
+                        "--solver", "euler", "--out", tmp_path / "i2c.png", "--data-dir", data_dir))
+    saved = torch.load(tmp_path / "i2c_latents.pt", weights_only=True)
+    assert torch.equal(saved["labels"], labels[chosen])
+    counts = np.zeros((10, 10), dtype=int)
+    for true, read in zip(saved["labels"].tolist(), saved["pred_l2"].tolist()):
+        counts[true, read] += 1
+    assert drawn[0]["i2c_confusion_l2"] == counts.tolist() and counts.sum() == 30
+    assert Image.open(tmp_path / "i2c_confusion.png").size == (30 + 400 + 10, 40 + 400 + 20)
+
+
 def test_mixed_latents_follow_the_straight_line_with_shared_noise():
     """A zero velocity leaves every state where it starts: the images are the mixed latents themselves."""
     embedder = build_embedder("rectangle", 10, (1, 32, 32), std_scale=0.5)
@@ -1595,9 +1633,9 @@ def test_interpolation_end_frames_are_the_plain_c2i_samples_of_both_classes(run,
     images, _ = sample.interpolate(m, e, flow, 1, 7, num_frames=5, num_rows=2, seed=3, **STEPS)
     assert images.shape == (2 * 5, 1, 32, 32)
     strips = images.view(2, 5, 1, 32, 32)
-    plain_1 = sample.save_c2i_grid(m, e, flow, args, tmp_path / "a.png", classes=[1], num_per_class=2, seed=3,
+    plain_1 = plots.save_c2i_grid(m, e, flow, args, tmp_path / "a.png", classes=[1], num_per_class=2, seed=3,
                                    **STEPS)[0]
-    plain_7 = sample.save_c2i_grid(m, e, flow, args, tmp_path / "b.png", classes=[7], num_per_class=2, seed=3,
+    plain_7 = plots.save_c2i_grid(m, e, flow, args, tmp_path / "b.png", classes=[7], num_per_class=2, seed=3,
                                    **STEPS)[0]
     assert torch.allclose(strips[:, 0], plain_1, atol=1e-5)
     assert torch.allclose(strips[:, -1], plain_7, atol=1e-5)
@@ -1630,7 +1668,7 @@ def test_interpolation_and_arithmetic_are_deterministic_under_a_seed(run):
 def test_arithmetic_strip_is_each_class_then_the_sum_of_means_with_the_same_noise(run, tmp_path):
     m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
     images, _ = sample.arithmetic(m, e, flow, [(1, 1), (1, 7), (-1, 3)], num_rows=1, seed=2, **STEPS)
-    plain = sample.save_c2i_grid(m, e, flow, args, tmp_path / "p.png", classes=[1, 7, 3], num_per_class=1,
+    plain = plots.save_c2i_grid(m, e, flow, args, tmp_path / "p.png", classes=[1, 7, 3], num_per_class=1,
                                  seed=0, **STEPS)[0]
     eps = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(2))
     # Each class's own frame: its plain latent with this strip's noise.
@@ -1669,7 +1707,7 @@ def test_trajectories_run_from_the_sources_to_the_plain_samples_both_ways(run, t
     assert c2i.shape == i2c.shape == (3, 4, 1, 32, 32)
     latents = e(torch.tensor([0, 4, 9]), torch.Generator().manual_seed(1))
     assert torch.allclose(c2i[:, 0], latents)
-    plain = sample.save_c2i_grid(m, e, flow, args, tmp_path / "c.png", classes=[0, 4, 9], num_per_class=1,
+    plain = plots.save_c2i_grid(m, e, flow, args, tmp_path / "c.png", classes=[0, 4, 9], num_per_class=1,
                                  seed=1, **STEPS)[0]
     assert torch.allclose(c2i[:, -1], plain, atol=1e-5)
     images, labels = data.load_dataset("mnist", "test", args["data_dir"])
@@ -1680,8 +1718,13 @@ def test_trajectories_run_from_the_sources_to_the_plain_samples_both_ways(run, t
     again = sample.trajectories(m, e, flow, args, [0, 4, 9], num_frames=4, seed=1, **STEPS)
     assert torch.equal(again[0], c2i) and torch.equal(again[1], i2c)
 
-    sample.save_trajectory(c2i, i2c, tmp_path / "t.png")
+    plots.save_trajectory(c2i, i2c, tmp_path / "t.png")
     assert Image.open(tmp_path / "t.png").size == (4 * 33 + 1, 6 * 33 + 1)  # 4 frames x (3 C2I + 3 I2C) rows
+    plots.save_trajectory(c2i, i2c, tmp_path / "t.gif")
+    gif = Image.open(tmp_path / "t.gif")
+    assert gif.n_frames == 2 * 4 and gif.size == (3 * 33 + 1, 33 + 1)  # C2I frames, then I2C: 3 side by side each
+    gif.seek(3)
+    assert gif.info["duration"] == 1000  # each way's last frame held
 
 
 def test_trajectories_of_one_way_models_also_run_from_source_to_target(run):
@@ -1736,7 +1779,7 @@ def test_two_processes_give_the_same_c2i_samples_as_one(run, tmp_path):
     assert wait_all(processes) == [0, 0], (tmp_path / "stderr0").read_text()[-2000:]
     assert (tmp_path / "stdout0").read_text().count("wrote") == 1  # rank 0 only
     assert (tmp_path / "stdout1").read_text() == ""
-    sample.save_c2i_grid(run["model"], run["embedder"], run["flow"], run["args"], tmp_path / "single.png",
+    plots.save_c2i_grid(run["model"], run["embedder"], run["flow"], run["args"], tmp_path / "single.png",
                          num_per_class=3, seed=4, **STEPS)
     sharded, single = (np.asarray(Image.open(tmp_path / name), dtype=int) for name in ("c2i.png", "single.png"))
     assert sharded.shape == single.shape == (10 * 33 + 1, 3 * 33 + 1, 3)  # a row per class, 3 per row

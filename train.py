@@ -360,7 +360,7 @@ def write_line(out, record):
 
 
 def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
-    from sample import save_c2i_grid, save_i2c_grid
+    from plots import save_c2i_grid, save_i2c_grid
     kw = dict(device=device, steps=args.sample_steps, solver=args.sample_solver)
     with autocast:
         save_c2i_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"c2i_{step:07d}.png"), **kw)
