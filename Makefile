@@ -17,7 +17,7 @@ venv: .venv/.installed
 
 demo: venv
 	$(PY) train.py --dataset mnist --mode bidi --model unet --preset tiny --out $(DEMO) \
-		--sample-every 400 --ckpt-every 200 --log-every 50 $(if $(wildcard $(DEMO)/last.pt),--resume,)
+		--sample-every 400 --ckpt-every 200 --keep-every 200 --log-every 50 $(if $(wildcard $(DEMO)/last.pt),--resume,)
 	$(PY) sample.py $(DEMO)/last.pt --out $(DEMO)/demo_c2i.png --cfg-scale 2.0
 	$(PY) sample.py $(DEMO)/last.pt --direction i2c --num-samples 500 --out $(DEMO)/demo_i2c.png
 
