@@ -11,13 +11,10 @@ GPU (None on a CPU).
 
     MFU = (FLOPs of forward + backward, FlopCounterMode) / (step time) / (this device's measured GEMM FLOP/s)
 """
-import argparse
-import copy
 import gc
 import json
 import statistics
 import time
-from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -28,7 +25,7 @@ import data
 import devices
 import inception
 import train
-from checkpoint import build_class_embedder, build_flow, build_from_checkpoint, build_model, load_checkpoint
+from checkpoint import build_from_checkpoint, build_training_state, load_checkpoint
 from data import atomic_write
 from flow import DEFAULT_STEPS, SOLVERS
 
@@ -60,20 +57,15 @@ def build_training(preset, model_name, batch_size, device, bf16, compile, channe
     args = train.get_args(["--dataset", PRESET_DATASET[preset], "--preset", preset, "--model", model_name,
                            "--mode", "bidi", "--batch-size", str(batch_size)])
     torch.manual_seed(seed)
-    model = build_model(vars(args)).to(device, memory_format=torch.channels_last if channels_last else None)
-    embedder = build_class_embedder(vars(args)).to(device)
-    ema, ema_embedder = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(embedder)
-    flow = build_flow(vars(args))
-    params = list(model.parameters()) + list(embedder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    state, flow, params = build_training_state(vars(args), device, channels_last)
+    model, ema, embedder, ema_embedder, optimizer = state.values()
     generator = torch.Generator(device).manual_seed(seed)
     if dataset is None:
         n = 8 * batch_size
         dataset = (torch.randint(0, 256, (n, *args.data_shape), dtype=torch.uint8, generator=generator, device=device),
                    torch.randint(0, args.num_classes, (n,), generator=generator, device=device))
     batches = data.Batches(*dataset, batch_size, seed=seed, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = devices.autocast(device, bf16)
     if compile:
         torch._dynamo.reset()  # a fresh compile per configuration, not a recompile of the last one
     train_model = torch.compile(model) if compile else model
@@ -216,9 +208,9 @@ def format_row(r):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = devices.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny presets at batch 4 in train.py's precision, no compile")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda, cuda:N")
     p.add_argument("--presets", nargs="+", choices=tuple(PRESET_DATASET), help="default: all on a GPU, tiny on a CPU")
     p.add_argument("--batch-size", type=int, help="default: the preset's on a GPU, 16 on a CPU")
     p.add_argument("--compile", choices=("off", "on", "both"), help="default: both on a GPU, else off")
@@ -231,7 +223,7 @@ def main():
     p.add_argument("--data-dir", default="data", help="loss curves: where MNIST is")
     p.add_argument("--loss-curves", type=int, metavar="STEPS", help="fixed-seed loss curves of the tiny presets")
     args = p.parse_args()
-    device = torch.device(args.device)
+    device = devices.pick(args.device)
     full = device.type == "cuda" and not args.quick
     args.presets = args.presets or (("mnist", "cifar", "imagenet", "tiny") if full else ("tiny",))
     args.batch_size = args.batch_size or (4 if args.quick else None if device.type == "cuda" else 16)

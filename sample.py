@@ -16,7 +16,6 @@ on the number of processes; interpolation and arithmetic strips use the noise of
 import argparse
 import os
 import re
-from functools import partial
 
 import torch
 from torchvision.utils import save_image
@@ -77,8 +76,7 @@ def mixed_c2i(model, embedder, flow, classes, weights, num_rows=1, seed=0, devic
     eps = torch.randn((num_rows, *embedder.means.shape[1:]), generator=torch.Generator(device).manual_seed(seed),
                       device=device)
     means = embedder.means.detach()[classes]
-    stds = (torch.exp(0.5 * embedder.logvar.detach()[classes]) if embedder.kind == "learned"
-            else torch.full_like(means, embedder.std_scale))
+    stds = embedder.stds(classes).detach()
     weights = weights.to(means)
     mean = torch.einsum("fk,kchw->fchw", weights, means)
     sigma = torch.einsum("fk,kchw->fchw", weights.abs(), stds) / weights.abs().sum(1).view(-1, 1, 1, 1)
@@ -120,7 +118,7 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = devices.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--direction", default="c2i", choices=("c2i", "i2c"))
     p.add_argument("--classes", nargs="+", help="C2I: which classes, ids or names (default: all)")
@@ -134,7 +132,7 @@ def main():
                    help="I2C: integrate the ODE, or one network call at t = 0 (flow.READOUT)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="I2C: where the test set is (default: the training run's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda, cuda:N")
     p.add_argument("--out", help="output PNG (default: next to the checkpoint), or GIF for --trajectory")
     extra = p.add_mutually_exclusive_group()
     extra.add_argument("--interpolate", nargs=2, metavar=("A", "B"), help="C2I along the line from class A to B")
@@ -181,7 +179,7 @@ def run(args, device):
         kw.update(READOUT)
     if sharded and (what == "i2c" or what == "trajectory" and embedder.kind != "noise"):
         # Rank 0 first: it may have to write the test set to disk, which the others then read.
-        devices.on_rank0(partial(data.load_test_set, train_args, args.data_dir))
+        devices.when(is_main_process(), data.load_test_set, train_args, args.data_dir)
 
     def cost(nfe):  # guidance runs each function evaluation on a doubled batch (conditional + null)
         passes = network_passes(nfe, args.cfg_scale)

@@ -49,9 +49,9 @@ import classifier
 import data
 import devices
 import embeddings
-import evaluate
 import flow as flow_module
 import inception
+import metrics
 import plots
 import model_unet
 import sample
@@ -1372,9 +1372,10 @@ TRAIN_AND_KEEP_EVERY_RANK = textwrap.dedent("""
     # train.py's main on this rank, keeping its freshly built model and, at each save, its whole state.
     import os, sys
     import torch
+    import checkpoint
     import train
 
-    rank, build_model, save = int(os.environ.get("RANK", 0)), train.build_model, train.save
+    rank, build_model, save = int(os.environ.get("RANK", 0)), checkpoint.build_model, train.save
     kept = {}
 
     def build_and_keep(args):
@@ -1387,7 +1388,7 @@ TRAIN_AND_KEEP_EVERY_RANK = textwrap.dedent("""
         kept.update({key: stateful[key].state_dict() for key in ("model", "ema", "embedder", "ema_embedder")})
         torch.save(kept, os.path.join(args.out, f"rank{rank}.pt"))
 
-    train.build_model, train.save = build_and_keep, save_and_keep
+    checkpoint.build_model, train.save = build_and_keep, save_and_keep
     train.main(train.get_args(sys.argv[1:]))
 """)
 
@@ -1593,7 +1594,7 @@ def test_i2c_picture_frames_a_right_read_green_and_a_wrong_one_red(tmp_path):
 def test_sample_py_i2c_scores_evaluate_py_subset_and_draws_its_confusion_matrix(run, data_dir, tmp_path, monkeypatch):
     m, e, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
     images, labels = data.load_dataset("mnist", "test", data_dir)
-    chosen = evaluate.balanced_subset(labels, 30)  # the test images evaluate.py scores
+    chosen = data.balanced_subset(labels, 30)  # the test images evaluate.py scores
     assert not torch.equal(chosen, torch.arange(30))
     saved = plots.save_i2c_grid(m, e, flow, args, tmp_path / "grid.png", num_per_class=2, num_samples=30, **STEPS)
     assert torch.equal(saved["labels"], labels[chosen])
@@ -1818,12 +1819,12 @@ def test_run_sharded_splits_and_gathers_rows_in_order_for_any_world_size(world, 
 
 def _random_stats(rng, n, d):
     x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + rng.normal(size=d)
-    return evaluate.feature_stats(x)
+    return metrics.feature_stats(x)
 
 
 def test_feature_stats_are_float64_mean_and_unbiased_covariance():
     x = np.array([[0.0, 1.0], [2.0, 1.0], [4.0, 4.0]], dtype=np.float32)
-    mu, sigma = evaluate.feature_stats(x)
+    mu, sigma = metrics.feature_stats(x)
     assert mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(mu, [2.0, 2.0])
     # by hand, N - 1 = 2: var(x0) = (4 + 0 + 4) / 2, var(x1) = (1 + 1 + 4) / 2, cov = (2 + 0 + 4) / 2
@@ -1832,13 +1833,13 @@ def test_feature_stats_are_float64_mean_and_unbiased_covariance():
 
 def test_fid_of_a_set_against_itself_is_zero():
     mu, sigma = _random_stats(np.random.default_rng(0), 500, 64)
-    assert abs(evaluate.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 
 def test_fid_is_symmetric():
     rng = np.random.default_rng(1)
     a, b = _random_stats(rng, 500, 64), _random_stats(rng, 400, 64)
-    assert evaluate.frechet_distance(*a, *b) == pytest.approx(evaluate.frechet_distance(*b, *a), rel=1e-9)
+    assert metrics.frechet_distance(*a, *b) == pytest.approx(metrics.frechet_distance(*b, *a), rel=1e-9)
 
 
 def test_fid_equals_closed_form_for_diagonal_and_commuting_covariances():
@@ -1847,12 +1848,12 @@ def test_fid_equals_closed_form_for_diagonal_and_commuting_covariances():
     rng = np.random.default_rng(2)
     mu1, mu2, a, b = rng.normal(size=16), rng.normal(size=16), rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+    assert metrics.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
     q, _ = np.linalg.qr(rng.normal(size=(16, 16)))
-    fid = evaluate.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    fid = metrics.frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
     assert fid == pytest.approx(expected, rel=1e-7)
     # one dimension, by hand: (0 - 3)^2 + (sqrt(4) - sqrt(1))^2 = 10
-    assert evaluate.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(10.0)
+    assert metrics.frechet_distance([0.0], [[4.0]], [3.0], [[1.0]]) == pytest.approx(10.0)
 
 
 @pytest.mark.parametrize("dim", [64, 512])
@@ -1860,8 +1861,8 @@ def test_fid_on_rank_deficient_covariances_is_a_finite_python_float(dim):
     # 50 samples in `dim` dimensions: both covariances have rank 49, their product is singular
     rng = np.random.default_rng(3)
     x, y = rng.normal(size=(50, dim)), rng.normal(size=(50, dim)) + 0.5
-    (mu_x, sigma_x), (mu_y, sigma_y) = evaluate.feature_stats(x), evaluate.feature_stats(y)
-    fid = evaluate.frechet_distance(mu_x, sigma_x, mu_y, sigma_y)
+    (mu_x, sigma_x), (mu_y, sigma_y) = metrics.feature_stats(x), metrics.feature_stats(y)
+    fid = metrics.frechet_distance(mu_x, sigma_x, mu_y, sigma_y)
     assert type(fid) is float and np.isfinite(fid)
     # exact trace term from the symmetric form sqrt(Sx) Sy sqrt(Sx), whose eigenvalues are those of Sx Sy
     w, v = np.linalg.eigh(sigma_x)
@@ -1869,25 +1870,25 @@ def test_fid_on_rank_deficient_covariances_is_a_finite_python_float(dim):
     trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root_x @ sigma_y @ root_x), 0, None)).sum()
     exact = np.sum((mu_x - mu_y) ** 2) + np.trace(sigma_x) + np.trace(sigma_y) - 2 * trace_sqrt
     assert fid == pytest.approx(exact, rel=1e-5)
-    assert abs(evaluate.frechet_distance(mu_x, sigma_x, mu_x, sigma_x)) < 1e-6 * np.trace(sigma_x)
+    assert abs(metrics.frechet_distance(mu_x, sigma_x, mu_x, sigma_x)) < 1e-6 * np.trace(sigma_x)
 
 
 def test_fid_fails_loudly_when_the_square_root_is_far_from_real():
     # sigma2 is not a covariance (negative definite): sqrt(sigma1 sigma2) is genuinely imaginary
     with pytest.raises(ValueError, match="imaginary"):
-        evaluate.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), -0.5 * np.eye(3))
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), -0.5 * np.eye(3))
 
 
 # ------------------------------ precision / recall
 
 def test_precision_recall_of_identical_sets_is_one_one():
     x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
-    assert evaluate.precision_recall(x, x.clone(), k=3) == (1.0, 1.0)
+    assert metrics.precision_recall(x, x.clone(), k=3) == (1.0, 1.0)
 
 
 def test_precision_recall_of_far_apart_sets_is_zero_zero():
     x = torch.randn(40, 8, generator=torch.Generator().manual_seed(0))
-    assert evaluate.precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
+    assert metrics.precision_recall(x, x + 100.0, k=3) == (0.0, 0.0)
 
 
 def test_precision_recall_of_a_tight_subset_is_precise_but_covers_little():
@@ -1898,8 +1899,8 @@ def test_precision_recall_of_a_tight_subset_is_precise_but_covers_little():
     real[:, 0] = torch.arange(10.0)
     fake = torch.zeros(4, 2, dtype=torch.float64)
     fake[:, 0] = torch.tensor([0.0, 0.01, 0.02, 0.03])
-    assert evaluate.precision_recall(real, fake, k=3) == (1.0, 0.1)
-    assert evaluate.precision_recall(fake, real, k=3) == (0.1, 1.0)  # the roles swap with the arguments
+    assert metrics.precision_recall(real, fake, k=3) == (1.0, 0.1)
+    assert metrics.precision_recall(fake, real, k=3) == (0.1, 1.0)  # the roles swap with the arguments
 
 
 def _precision_recall_brute_force(real, fake, k):
@@ -1919,7 +1920,7 @@ def test_blocked_precision_recall_equals_brute_force_numpy():
     for k in (1, 3, 5):
         expected = _precision_recall_brute_force(real, fake, k)
         assert 0 < expected[0] < 1 and 0 < expected[1] < 1  # the data exercise both outcomes
-        assert evaluate.precision_recall(real, fake, k=k, block_size=7) == pytest.approx(expected, abs=1e-12)
+        assert metrics.precision_recall(real, fake, k=k, block_size=7) == pytest.approx(expected, abs=1e-12)
 
 
 # ------------------------------ class accuracies
@@ -2039,11 +2040,11 @@ def test_reference_features_are_cached_per_inception_weights(fid_inception, data
         other.Mixed_7c.branch_pool.bn.bias += 1.0  # other weights, other features
     assert inception.weights_tag(copy.deepcopy(fid_inception)) == inception.weights_tag(fid_inception)
     assert inception.weights_tag(other) != inception.weights_tag(fid_inception)
-    first = evaluate.reference_features("mnist", data_dir, 32, 2, fid_inception)
-    second = evaluate.reference_features("mnist", data_dir, 32, 2, other)
+    first = metrics.reference_features("mnist", data_dir, 32, 2, fid_inception)
+    second = metrics.reference_features("mnist", data_dir, 32, 2, other)
     assert not torch.allclose(second["features"], first["features"])
     assert len(list(tmp_path.glob("reference_mnist_32_test_2_*.pt"))) == 2
-    torch.testing.assert_close(evaluate.reference_features("mnist", data_dir, 32, 2, fid_inception), first)
+    torch.testing.assert_close(metrics.reference_features("mnist", data_dir, 32, 2, fid_inception), first)
 
 
 def _mnist_test_images(data_dir, n):
@@ -2107,10 +2108,10 @@ def test_inception_features_are_2048_d_deterministic_and_batch_independent(fid_i
 
 def test_fid_sanity_ladder_on_real_images(ladder_features):
     _, features = ladder_features
-    stats = {name: evaluate.feature_stats(f) for name, f in features.items()}
+    stats = {name: metrics.feature_stats(f) for name, f in features.items()}
 
     def fid(other):
-        return evaluate.frechet_distance(*stats["mnist_train"], *stats[other])
+        return metrics.frechet_distance(*stats["mnist_train"], *stats[other])
     same, blurred, very_blurred = fid("mnist_test"), fid("mnist_test_blurred"), fid("mnist_test_very_blurred")
     # measured at 32 images per set: about 84 < 177 < 307 (small sets inflate every FID by a bias)
     assert 0 < same < 0.6 * blurred and blurred < 0.8 * very_blurred, (same, blurred, very_blurred)
@@ -2138,7 +2139,7 @@ def test_evaluate_scores_a_field_with_known_answers_class_by_class(data_dir, jud
                                 "--data-dir", str(data_dir)]))
     n = 20
     embedder = build_embedder("rectangle", 10, (1, 32, 32), std_scale=0.5)
-    reference = evaluate.reference_features("mnist", data_dir, 32, n, fid_inception, batch_size=n)
+    reference = metrics.reference_features("mnist", data_dir, 32, n, fid_inception, batch_size=n)
     real = data.to_unit_range(data.load_dataset("mnist", "test", data_dir)[0][reference["indices"]])
     labels = reference["labels"]
     assert torch.equal(classifier.classify(judge, real), labels)  # the judge is right on every one of them
@@ -2153,7 +2154,7 @@ def test_evaluate_scores_a_field_with_known_answers_class_by_class(data_dir, jud
         to_image = (direction == CLASS_TO_IMAGE).view(-1, 1, 1, 1)
         return torch.where(to_image, c2i_targets[which(latents)], i2c_targets[which(real)]) - z
 
-    result = evaluate.evaluate_checkpoint_model(field, embedder, Flow("bidi"), args, num_samples=n, cfg_scale=1.5,
+    result = metrics.evaluate_checkpoint_model(field, embedder, Flow("bidi"), args, num_samples=n, cfg_scale=1.5,
                                                 steps=1, solver="euler", device="cpu", k=1, batch_size=8)
     json.dumps(result, allow_nan=False)  # a train.py log line / an .eval.json entry as it is
     assert result["num_samples"] == result["num_reference"] == n and result["classifier_test_acc"] >= 0.99
@@ -2165,7 +2166,7 @@ def test_evaluate_scores_a_field_with_known_answers_class_by_class(data_dir, jud
     assert result["per_class_precision"][:7] == result["per_class_recall"][:7] == [1.0] * 7
     features = reference["features"]
     for c in (7, 8, 9):  # the fakes of class c are the real images of class c + 1
-        expected = evaluate.precision_recall(features[labels == c], features[labels == (c + 1) % 10], k=1)
+        expected = metrics.precision_recall(features[labels == c], features[labels == (c + 1) % 10], k=1)
         assert (result["per_class_precision"][c], result["per_class_recall"][c]) == expected
     assert result["precision"] == 1.0 and np.isfinite(result["fid"]) and result["seconds"] > 0
     assert (result["ref_split"], result["num_reference"], result["ref_stats"]) == ("test", n, None)
@@ -2204,12 +2205,12 @@ def test_evaluate_script_sweeps_the_grid_and_writes_json_next_to_the_checkpoint(
 
 
 def test_sampler_settings_cover_every_combination_once_with_each_solvers_defaults():
-    assert evaluate.sampler_settings(["midpoint"]) == [("midpoint", 8, "ends")]
-    assert evaluate.sampler_settings(["euler", "dopri5", "rk4"], [2, 4], ["uniform", "end"]) == [
+    assert metrics.sampler_settings(["midpoint"]) == [("midpoint", 8, "ends")]
+    assert metrics.sampler_settings(["euler", "dopri5", "rk4"], [2, 4], ["uniform", "end"]) == [
         ("euler", 2, "uniform"), ("euler", 4, "uniform"), ("euler", 2, "end"), ("euler", 4, "end"),
         ("dopri5", None, None),  # adaptive: its steps and grid are not settings
         ("rk4", 2, "uniform"), ("rk4", 4, "uniform"), ("rk4", 2, "end"), ("rk4", 4, "end")]
-    assert evaluate.sampler_settings(["euler", "rk4"], [4, 4]) == [("euler", 4, "uniform"), ("rk4", 4, "end")]
+    assert metrics.sampler_settings(["euler", "rk4"], [4, 4]) == [("euler", 4, "uniform"), ("rk4", 4, "end")]
 
 
 def test_evaluate_scores_every_sampler_setting_from_the_same_class_latents(run, data_dir, judge, fid_inception,
@@ -2232,9 +2233,9 @@ def test_evaluate_scores_every_sampler_setting_from_the_same_class_latents(run, 
     y = torch.arange(4)
     images, _ = flow.c2i(model, embedder, y, z=embedder(y, torch.Generator().manual_seed(0)), solver="euler",
                          steps=1)
-    real = evaluate.reference_features("mnist", data_dir, 32, 4, fid_inception)
-    fake = evaluate.feature_stats(inception.inception_features(fid_inception, evaluate.quantise(images)))
-    assert results[0]["fid"] == pytest.approx(evaluate.frechet_distance(*fake, real["mu"].numpy(),
+    real = metrics.reference_features("mnist", data_dir, 32, 4, fid_inception)
+    fake = metrics.feature_stats(inception.inception_features(fid_inception, metrics.quantise(images)))
+    assert results[0]["fid"] == pytest.approx(metrics.frechet_distance(*fake, real["mu"].numpy(),
                                                                         real["sigma"].numpy()), rel=1e-6)
 
 
@@ -2285,7 +2286,7 @@ def test_statistics_files_round_trip_in_pytorch_fid_and_clean_fid_formats(run, d
         stdout = succeeds(run_script("evaluate.py", "--dataset", "mnist", "--ref-split", split, "--num-real", 4,
                                      "--save-stats", tmp_path / f"{split}.npz", "--data-dir", data_dir))
         assert f"mnist {split}, 4 images" in stdout
-        reference = evaluate.reference_features("mnist", data_dir, 32, 4, fid_inception, split=split)
+        reference = metrics.reference_features("mnist", data_dir, 32, 4, fid_inception, split=split)
         with np.load(tmp_path / f"{split}.npz") as saved:  # pytorch-fid's format: mu, sigma, float64
             assert sorted(saved.files) == ["mu", "sigma"] and saved["sigma"].dtype == np.float64
             assert np.array_equal(saved["mu"], reference["mu"].numpy())
@@ -2296,12 +2297,12 @@ def test_statistics_files_round_trip_in_pytorch_fid_and_clean_fid_formats(run, d
     np.savez(tmp_path / "pytorch_fid.npz", mu=mu, sigma=sigma)
     np.savez_compressed(tmp_path / "clean_fid.npz", mu=mu.astype(np.float32), sigma=sigma)
     for name in ("pytorch_fid", "clean_fid"):
-        loaded = evaluate.load_stats(tmp_path / f"{name}.npz")
+        loaded = metrics.load_stats(tmp_path / f"{name}.npz")
         assert loaded[1].dtype == np.float64 and np.array_equal(loaded[1], sigma)
         assert np.allclose(loaded[0], mu, rtol=1e-6)
     # a model scored against the training images in memory, then against their statistics file
     model, embedder, flow, args = run["model"], run["embedder"], run["flow"], run["args"]
-    in_memory = evaluate.evaluate_checkpoint_model(model, embedder, flow, args, 4, 1.0, 1, "euler", "cpu",
+    in_memory = metrics.evaluate_checkpoint_model(model, embedder, flow, args, 4, 1.0, 1, "euler", "cpu",
                                                    data_dir=data_dir, ref_split="train")
     stdout = succeeds(run_script("evaluate.py", copy_of_the_run(run, tmp_path), "--num-samples", 4, "--cfg-scales",
                                  1, "--solvers", "euler", "--steps", 1, "--ref-stats", tmp_path / "pytorch_fid.npz"))
@@ -2460,9 +2461,21 @@ def test_device_cuda_without_cuda_is_one_line(data_dir, tmp_path, monkeypatch, s
     fails_with_one_line(run_script(script, *argv, "--device", "cuda"), "CUDA is not available on this machine")
 
 
-def test_unknown_choice_ends_with_argparse_usage_and_exit_2(data_dir, tmp_path):
-    code, _, stderr = train_micro(data_dir, tmp_path, "--embedding", "bogus")
-    assert code == 2 and "invalid choice: 'bogus'" in stderr and "Traceback" not in stderr
+@pytest.mark.parametrize("script, argv", [("train.py", ["--embedding", "bogus"]), ("sample.py", ["x.pt", "--solver", "bogus"]),
+                                          ("evaluate.py", ["x.pt", "--solvers", "bogus"]), ("bench.py", ["--presets", "bogus"])])
+def test_a_bad_flag_is_one_line_the_same_way_in_every_script(script, argv):
+    """argparse's own report (usage, then `prog: error:`) would differ from the scripts' other user errors, and
+    under torchrun every rank would print it: devices.ArgumentParser makes it one line, exit 2, as they are."""
+    fails_with_one_line(run_script(script, *argv), "invalid choice: 'bogus'", f"see {script} --help")
+    fails_with_one_line(run_script(script, "--no-such-flag", *(["x.pt"] if script in ("sample.py", "evaluate.py") else [])),
+                        "unrecognized arguments: --no-such-flag")
+
+
+def test_a_noise_source_is_unit_gaussian_and_refuses_another_std(data_dir, tmp_path):
+    noise = ["--embedding", "noise", "--use-conditioning", "--mode", "l2i"]
+    assert train.get_args(["--dataset", "mnist", "--preset", "tiny", *noise]).std_scale == 1.0  # not the preset's 0.5
+    fails_with_one_line(train_micro(data_dir, tmp_path, *noise, "--std-scale", "0.5"),
+                        "--embedding noise draws from N(0, I): --std-scale 0.5 does not apply")
 
 
 def unwritable_folder(tmp_path):

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-from copy import deepcopy
 
 import numpy as np
 import torch
@@ -21,12 +20,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import devices
-from checkpoint import (MODELS, build_class_embedder, build_flow, build_model, check_out_dir,
+from checkpoint import (MODELS, build_class_embedder, build_flow, build_training_state, check_out_dir,
                         newest_good_checkpoint, resume_run, rng_state, save_checkpoint, set_rng_state)
 from embeddings import KINDS
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
+from metrics import evaluate_checkpoint_model
 from model_dit import DIT_PRESETS
 from model_unet import UNET_PRESETS, reference_attention
+from plots import save_c2i_grid, save_i2c_grid
 
 # Training recipes by preset; command-line flags win. 'tiny' is the CPU recipe (RESULTS.md). Its second line
 # lets both directions learn within the demo budget: image->class samples train at the image end (t = u^50),
@@ -47,22 +48,28 @@ T_BUCKETS = 4  # the log splits each direction's loss over t in [0, 1/4), [1/4, 
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = devices.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="cifar", choices=sorted(DEFAULT_PRESET))
     p.add_argument("--data-dir", default="data")
     p.add_argument("--image-size", type=int, default=32, choices=(32, 64))
     p.add_argument("--mode", default="l2i", choices=MODES)
     p.add_argument("--model", default="dit", choices=MODELS)
     p.add_argument("--preset", choices=sorted(TRAIN_PRESETS), help="default: the dataset's reference preset")
-    for flag, kind, nargs in (("patch-size", int, None), ("hidden-size", int, None), ("depth", int, None),
-                              ("num-heads", int, None), ("mlp-ratio", float, None), ("model-channels", int, None),
-                              ("channel-mult", int, "+"), ("num-res-blocks", int, None),
-                              ("attention-resolutions", int, "*"), ("dropout", float, None)):
-        p.add_argument(f"--{flag}", type=kind, nargs=nargs, help="model shape (default: the preset's)")
+    # Model shape: each default is the preset's (model_dit.DIT_PRESETS, model_unet.UNET_PRESETS).
+    p.add_argument("--patch-size", type=int, help="DiT: patch side")
+    p.add_argument("--hidden-size", type=int, help="DiT: width")
+    p.add_argument("--depth", type=int, help="DiT: blocks")
+    p.add_argument("--num-heads", type=int, help="attention heads, DiT and UNet")
+    p.add_argument("--mlp-ratio", type=float, help="DiT: MLP width over hidden size")
+    p.add_argument("--model-channels", type=int, help="UNet: channels at full resolution")
+    p.add_argument("--channel-mult", type=int, nargs="+", help="UNet: channel multiplier per resolution")
+    p.add_argument("--num-res-blocks", type=int, help="UNet: residual blocks per resolution")
+    p.add_argument("--attention-resolutions", type=int, nargs="*", help="UNet: feature-map sides that attend")
+    p.add_argument("--dropout", type=float, help="UNet: dropout in the residual blocks")
     p.add_argument("--unet-attention", default="resolutions", choices=("resolutions", "reference"),
                    help="UNet: attend at the feature-map sides given, or where the reference does (model_unet.py)")
     p.add_argument("--embedding", choices=KINDS, help="default: the preset's (rectangle for the reference)")
-    p.add_argument("--std-scale", type=float, help="noise std of class latents (default: the preset's)")
+    p.add_argument("--std-scale", type=float, help="noise std of class latents (default: the preset's; noise: 1)")
     p.add_argument("--rect-size", type=int, default=10, help="rectangle latents: the side in pixels")
     p.add_argument("--blur-sigma", type=float, default=2.0)
     p.add_argument("--low-res", type=int, default=6, help="smoothrand noise resolution")
@@ -92,7 +99,7 @@ def get_args(argv=None):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where it is fast)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda")
     p.add_argument("--out", default="runs/default")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     p.add_argument("--log-every", type=int, default=100)
@@ -103,10 +110,19 @@ def get_args(argv=None):
     p.add_argument("--sample-solver", default=DEFAULT_SOLVER, choices=SOLVERS)
     p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
     p.add_argument("--num-samples", type=int, default=1000, help="images (and test images) per evaluation")
-    args = p.parse_args(argv)
-    # A flag not given takes the preset's value, else the reference's; all are checked before any work, with
-    # ValueErrors, not parser.error(): under torchrun one line is printed, by rank 0.
+    args = apply_preset(p.parse_args(argv))
+    check_args(args)
+    return args
+
+
+def apply_preset(args):
+    """The one step that fills in what the command line left out (None): the preset's value, else the reference's.
+    A --embedding noise source is N(0, I) by definition: its std is 1, and any other --std-scale is refused."""
     args.preset = args.preset or DEFAULT_PRESET[args.dataset]
+    if args.embedding == "noise":
+        if args.std_scale not in (None, 1.0):
+            raise ValueError(f"--embedding noise draws from N(0, I): --std-scale {args.std_scale} does not apply")
+        args.std_scale = 1.0
     for key, value in {**REFERENCE, **TRAIN_PRESETS[args.preset]}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -118,8 +134,11 @@ def get_args(argv=None):
             args.model_config[key] = tuple(value) if isinstance(value, list) else value
     args.data_shape = data.dataset_shape(args.dataset, args.image_size)
     args.num_classes = data.num_classes(args.dataset)
-    if args.embedding == "noise":
-        args.std_scale = 1.0
+    return args
+
+
+def check_args(args):
+    """Every flag checked before any work, with ValueErrors (devices.run_main prints one line, by rank 0)."""
     if args.use_conditioning != (args.embedding == "noise"):  # the class reaches the model one way, exactly
         raise ValueError("--use-conditioning is standard class CFG for a noise source, and a noise source needs it: "
                          "a class latent carries the class, plain noise does not (use --embedding noise with "
@@ -146,7 +165,6 @@ def get_args(argv=None):
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     build_flow(vars(args))  # the constructors check the flow's and the class latents' flags
     build_class_embedder(vars(args))
-    return args
 
 
 @torch.no_grad()
@@ -263,31 +281,28 @@ def main(args):
     rank, world_size, device = devices.setup(args.device)
     control = devices.host_group()  # for waits on the host: SIGTERM, data preparation, rank 0's periodic work
     args.bf16 = devices.bf16_is_fast(device) if args.bf16 is None else args.bf16
-    devices.on_rank0(lambda: check_out_dir(args.out, args.resume))
+    devices.when(rank == 0, check_out_dir, args.out, args.resume)  # an error there stops every rank, in one line
     last_pt = os.path.join(args.out, "last.pt")
     if args.resume:  # rank 0 checks it before any work, so that a bad one stops every rank with one message
-        ckpt = devices.on_rank0(lambda: resume_run(args.out, vars(args), device),
-                                others=lambda: newest_good_checkpoint(args.out, map_location=device)[0])
+        ckpt = devices.when(rank == 0, resume_run, args.out, vars(args), device)
+        if rank != 0:
+            ckpt = newest_good_checkpoint(args.out, map_location=device)[0]
     seed = args.seed * world_size + rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     generator = torch.Generator(device).manual_seed(seed)  # the flow's t, noise, pairing and flips
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16)
+    autocast = devices.autocast(device, args.bf16)
 
-    model = devices.place(build_model(vars(args)), device, nhwc_on_cpu=args.model == "unet")
-    embedder = build_class_embedder(vars(args)).to(device)
-    devices.broadcast_(model, embedder)  # each rank drew its own init: the EMA must start from rank 0's too
-    ema, ema_embedder = deepcopy(model).eval().requires_grad_(False), deepcopy(embedder).eval().requires_grad_(False)
-    flow = build_flow(vars(args))
-    params = list(model.parameters()) + list(embedder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
+    # NHWC for the UNet on a CPU, where oneDNN runs its convolutions faster (RESULTS.md, Speed).
+    stateful, flow, params = build_training_state(vars(args), device, channels_last=args.model == "unet" and
+                                                  device.type == "cpu")
+    model, ema, embedder, ema_embedder, optimizer = stateful.values()
     # Data: rank 0 finds (or fetches, or caches) it first, then each node's first process, then the rest read it.
-    images, labels = devices.in_turn(load_train_set, args, group=control)
+    images, labels = devices.in_turn(data.load_dataset, args.dataset, "train", args.data_dir, args.image_size,
+                                     group=control)
     batches = data.Batches(images, labels, args.batch_size // world_size, rank, world_size, args.seed, device)
-    stateful = dict(model=model, ema=ema, embedder=embedder, ema_embedder=ema_embedder, optimizer=optimizer,
-                    data_state=batches)
+    stateful["data_state"] = batches
     step = restore(ckpt, stateful, generator, world_size, rank) if args.resume else 0
     train_model = model
     if world_size > 1:
@@ -344,23 +359,12 @@ def main(args):
     devices.shutdown()
 
 
-def load_train_set(args):
-    """The training set; preparing it writes under --data-dir (a read-only one that holds it is fine: no probe)."""
-    try:
-        return data.load_dataset(args.dataset, "train", args.data_dir, args.image_size)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        raise ValueError(f"cannot write to --data-dir {args.data_dir}: {e.strerror} ({e.filename})") from None
-
-
 def write_line(out, record):
     with open(os.path.join(out, "log.jsonl"), "a") as log:  # closed at once: a kill leaves whole lines
         log.write(json.dumps(record) + "\n")
 
 
 def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
-    from plots import save_c2i_grid, save_i2c_grid
     kw = dict(device=device, steps=args.sample_steps, solver=args.sample_solver)
     with autocast:
         save_c2i_grid(ema, ema_embedder, flow, vars(args), os.path.join(args.out, f"c2i_{step:07d}.png"), **kw)
@@ -369,7 +373,6 @@ def write_samples(ema, ema_embedder, flow, args, step, device, autocast):
 
 
 def evaluate_during_training(ema, ema_embedder, flow, args, step, device):
-    from evaluate import evaluate_checkpoint_model
     result = evaluate_checkpoint_model(ema, ema_embedder, flow, vars(args), args.num_samples, cfg_scale=1.0,
                                        steps=args.sample_steps, solver=args.sample_solver, device=device)
     print(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
