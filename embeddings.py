@@ -92,28 +92,13 @@ def smoothrand_means(num_classes, shape, low_res=6, seed=0):
     return F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
 
 
-def projected_means(vectors, shape, seed=0, text_res=0):
+def projected_means(vectors, shape, seed=0):
     """Text vectors (K, D) -> mean patterns (K, C, H, W): sqrt(C*H*W) Q v_c, Q (C*H*W, D) with orthonormal columns
-    from the QR of a seeded Gaussian matrix (an isometry scaled to pixel RMS 1).
-
-    With text_res = r > 0 the patterns are smooth: Q's columns are drawn inside the span of r x r fields
-    upsampled bilinearly to H x W, and the vectors are first written in an orthonormal basis of their own
-    span (dimension <= K, so that C r^2 >= K suffices); distances are kept exactly all the same."""
+    from the QR of a seeded Gaussian matrix (an isometry scaled to pixel RMS 1)."""
     vectors = F.normalize(vectors.float(), dim=1)
     numel = math.prod(shape)
-    generator = torch.Generator().manual_seed(seed)
-    if text_res:
-        vectors = vectors @ torch.linalg.svd(vectors, full_matrices=False)[2].T  # (K, rank): same distances
-        channels, height, width = shape
-        fields = torch.eye(channels * text_res**2).view(-1, channels, text_res, text_res)
-        smooth = F.interpolate(fields, size=(height, width), mode="bilinear", align_corners=False)
-        basis = smooth.flatten(1).T.double()  # (C*H*W, C r^2): the smooth patterns
-        if basis.shape[1] < vectors.shape[1]:
-            raise ValueError(f"--text-res {text_res} is too coarse for {vectors.shape[1]} classes")
-        gaussian = basis @ torch.randn(basis.shape[1], vectors.shape[1], generator=generator, dtype=torch.float64)
-    else:
-        assert numel >= vectors.shape[1], f"cannot map {vectors.shape[1]}-d vectors isometrically into {numel} pixels"
-        gaussian = torch.randn(numel, vectors.shape[1], generator=generator, dtype=torch.float64)
+    assert numel >= vectors.shape[1], f"cannot map {vectors.shape[1]}-d vectors isometrically into {numel} pixels"
+    gaussian = torch.randn(numel, vectors.shape[1], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     q, r = torch.linalg.qr(gaussian)
     q = (q * torch.sign(torch.diagonal(r))).float()  # QR's signs fixed: Q is a deterministic function of the seed
     return (math.sqrt(numel) * vectors @ q.T).view(-1, *shape)
@@ -228,7 +213,7 @@ def i2c_accuracy(pred_l2, pred_cos, labels, num_classes=None):
 
 
 def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, rect_size=10, blur_sigma=2.0,
-                   low_res=6, vectors=None, dataset=None, text_res=0):
+                   low_res=6, vectors=None, dataset=None):
     """The --embedding flags -> a ClassEmbedder. 'clip' and 'text' take `vectors` (K, D), else the cached
     class-name vectors of `dataset`."""
     if kind not in KINDS:
@@ -246,7 +231,7 @@ def build_embedder(kind, num_classes, shape, std_scale=1.0, seed=0, rect_size=10
             vectors, _ = load_class_vectors(kind, dataset)
         if vectors is None or len(vectors) != num_classes:
             raise ValueError(f"the {kind!r} embedding needs one class-name vector per class")
-        means = projected_means(vectors, shape, seed, text_res)
+        means = projected_means(vectors, shape, seed)
     else:  # noise
         return ClassEmbedder(torch.zeros(num_classes, *shape), 1.0, kind="noise")
     return ClassEmbedder(means, std_scale, kind)

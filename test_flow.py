@@ -611,21 +611,6 @@ def test_text_projection_preserves_pairwise_distances_up_to_the_pixel_scale():
         assert torch.allclose(means.pow(2).mean(dim=1), torch.ones(10), atol=1e-4)  # pixel RMS 1
 
 
-def test_smooth_text_latents_keep_the_distances_and_carry_little_pixel_level_energy():
-    vectors = torch.randn(10, 512, generator=torch.Generator().manual_seed(0))
-    unit = vectors / vectors.norm(dim=1, keepdim=True)
-    roughness = lambda m: (m[..., 1:, :] - m[..., :-1, :]).pow(2).mean() / m.pow(2).mean()  # neighbour differences
-    for shape in [(1, 32, 32), (3, 32, 32)]:
-        smooth, sharp = projected_means(vectors, shape, seed=3, text_res=6), projected_means(vectors, shape, seed=3)
-        scale = math.sqrt(math.prod(shape))
-        flat = smooth.flatten(1)
-        assert torch.allclose(torch.cdist(flat, flat), scale * torch.cdist(unit, unit), atol=1e-3)
-        assert torch.allclose(flat.pow(2).mean(dim=1), torch.ones(10), atol=1e-4)
-        assert roughness(smooth) < 0.2 < 1.5 < roughness(sharp)  # i.i.d. pixels: 2
-    with pytest.raises(ValueError, match="text-res"):
-        projected_means(vectors, (1, 32, 32), text_res=3)  # 9 fields cannot hold 10 classes
-
-
 def test_shipped_text_vectors_are_unit_rows_named_like_the_datasets_classes():
     for dataset in data.DATASETS:
         vectors, names = load_class_vectors("text", dataset)

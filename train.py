@@ -38,7 +38,7 @@ TRAIN_PRESETS = {
                  embedding="text", std_scale=0.5, i2c_time_power=50.0, lambda_b=0.3),
     "mnist": dict(max_steps=120_000), "cifar": dict(max_steps=300_000), "imagenet": dict(max_steps=400_000),
 }
-REFERENCE = dict(embedding="rectangle", std_scale=1.0, text_res=0, lambda_b=0.5, i2c_time_power=1.0, lr=1e-4,
+REFERENCE = dict(embedding="rectangle", std_scale=1.0, lambda_b=0.5, i2c_time_power=1.0, lr=1e-4,
                  batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
@@ -73,8 +73,6 @@ def get_args(argv=None):
     p.add_argument("--rect-size", type=int, default=10, help="rectangle latents: the side in pixels")
     p.add_argument("--blur-sigma", type=float, default=2.0)
     p.add_argument("--low-res", type=int, default=6, help="smoothrand noise resolution")
-    p.add_argument("--text-res", type=int, help="text/clip latents smooth at this resolution (0: per pixel; "
-                   "default: the preset's)")
     p.add_argument("--embedding-seed", type=int, default=0)
     p.add_argument("--kl-weight", type=float, default=1e-3, help="KL weight of the 'learned' latents")
     p.add_argument("--sep-weight", type=float, default=100.0, help="weight of the 'learned' means' separation hinge")
