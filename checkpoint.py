@@ -158,10 +158,15 @@ def build_flow(args):
                 args["si_scale"], args["use_conditioning"], args["num_classes"], args.get("i2c_time_power", 1.0))
 
 
-def build_training_state(args, device, channels_last=False):
+def build_training_state(args, device, channels_last=None):
     """A new run on `device`: ({model, ema, embedder, ema_embedder, optimizer}, flow, the trained parameters). Under
-    torchrun every rank starts from rank 0's draw, the EMA too: it is copied after the broadcast."""
-    model = build_model(args).to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    torchrun every rank starts from rank 0's draw, the EMA too: it is copied after the broadcast. channels_last:
+    None places the model as build_from_checkpoint does (devices.place); True / False forces NHWC / NCHW (bench.py)."""
+    if channels_last is None:
+        model = devices.place(build_model(args), device, nhwc_on_cpu=args["model"] == "unet")
+    else:
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        model = build_model(args).to(device, memory_format=memory_format)
     embedder = build_class_embedder(args).to(device)
     devices.broadcast_(model, embedder)
     ema, ema_embedder = (deepcopy(m).eval().requires_grad_(False) for m in (model, embedder))

@@ -22,7 +22,7 @@ import devices
 from checkpoint import build_from_checkpoint, load_checkpoint
 from data import atomic_write
 from flow import DEFAULT_SOLVER, SOLVERS, TIME_GRIDS
-from metrics import evaluate_checkpoint_model, load_inception, load_stats, reference_features, sampler_settings
+from metrics import evaluate_checkpoint_model, load_inception_once, load_stats, reference_features, sampler_settings
 from plots import plot_confusion, plot_fid_against_nfe, plot_learning_curve
 
 
@@ -98,7 +98,7 @@ def main(args):
         spec = load_checkpoint(args.checkpoints[0])['args'] if args.checkpoints else vars(args)
         reference = reference_features(spec['dataset'], args.data_dir or spec['data_dir'] or 'data', spec['image_size'],
                                        args.num_real or (args.num_samples if args.checkpoints else None),
-                                       load_inception(args.device, args.inception), args.ref_split, args.batch_size)
+                                       load_inception_once(args.device, args.inception), args.ref_split, args.batch_size)
         atomic_write(args.save_stats, lambda f: np.savez(f, mu=reference['mu'], sigma=reference['sigma']))  # float64
         print(f"wrote {args.save_stats}: {spec['dataset']} {args.ref_split}, {len(reference['features'])} images")
     if args.checkpoints:

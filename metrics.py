@@ -121,7 +121,7 @@ def reference_features(dataset, data_dir, image_size, count, fid_inception, spli
 
 
 # the judges, loaded once per process (train.py evaluates many times)
-load_inception = functools.lru_cache(maxsize=2)(inception.load_inception)
+load_inception_once = functools.lru_cache(maxsize=2)(inception.load_inception)
 load_classifier_once = functools.lru_cache(maxsize=4)(load_classifier)
 
 
@@ -142,7 +142,7 @@ def evaluate_checkpoint_model(model, embedder, flow, args, num_samples, cfg_scal
     says (P/R overall and per class), and the confusion matrices. `args`: the training args."""
     dataset, image_size, num_classes = args['dataset'], args['image_size'], args['num_classes']
     data_dir = str(data_dir or args['data_dir'])
-    fid_inception = load_inception(str(device), inception_weights)
+    fid_inception = load_inception_once(str(device), inception_weights)
     classifier = load_classifier_once(dataset, data_dir, str(device), image_size)
     if ref_stats:
         reference = dict(zip(('mu', 'sigma'), load_stats(ref_stats)), features=None)

@@ -292,9 +292,7 @@ def main(args):
     generator = torch.Generator(device).manual_seed(seed)  # the flow's t, noise, pairing and flips
     autocast = devices.autocast(device, args.bf16)
 
-    # NHWC for the UNet on a CPU, where oneDNN runs its convolutions faster (RESULTS.md, Speed).
-    stateful, flow, params = build_training_state(vars(args), device, channels_last=args.model == "unet" and
-                                                  device.type == "cpu")
+    stateful, flow, params = build_training_state(vars(args), device)  # the UNet in NHWC on a CPU (devices.place)
     model, ema, embedder, ema_embedder, optimizer = stateful.values()
     # Data: rank 0 finds (or fetches, or caches) it first, then each node's first process, then the rest read it.
     images, labels = devices.in_turn(data.load_dataset, args.dataset, "train", args.data_dir, args.image_size,
