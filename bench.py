@@ -27,6 +27,7 @@ import inception
 import train
 from checkpoint import build_from_checkpoint, build_training_state, load_checkpoint
 from data import atomic_write
+from devices import non_negative_float, positive_int
 from flow import DEFAULT_STEPS, SOLVERS
 
 PRESET_DATASET = {"tiny": "mnist", "mnist": "mnist", "cifar": "cifar", "imagenet": "imagenet100"}
@@ -212,16 +213,16 @@ def main():
     p.add_argument("--quick", action="store_true", help="tiny presets at batch 4 in train.py's precision, no compile")
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda, cuda:N")
     p.add_argument("--presets", nargs="+", choices=tuple(PRESET_DATASET), help="default: all on a GPU, tiny on a CPU")
-    p.add_argument("--batch-size", type=int, help="default: the preset's on a GPU, 16 on a CPU")
+    p.add_argument("--batch-size", type=positive_int, help="default: the preset's on a GPU, 16 on a CPU")
     p.add_argument("--compile", choices=("off", "on", "both"), help="default: both on a GPU, else off")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32", "both"), help="default: both (auto with --quick)")
     p.add_argument("--checkpoint", help="time sampling with this trained model (default: random weights)")
-    p.add_argument("--windows", type=int, default=5, help="timed windows per configuration (median)")
-    p.add_argument("--window-seconds", type=float, default=0.5)
-    p.add_argument("--time-budget", type=float, default=0, help="seconds; later configurations are skipped")
+    p.add_argument("--windows", type=positive_int, default=5, help="timed windows per configuration (median)")
+    p.add_argument("--window-seconds", type=non_negative_float, default=0.5)
+    p.add_argument("--time-budget", type=non_negative_float, default=0, help="seconds, then skip the rest")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--data-dir", default="data", help="loss curves: where MNIST is")
-    p.add_argument("--loss-curves", type=int, metavar="STEPS", help="fixed-seed loss curves of the tiny presets")
+    p.add_argument("--loss-curves", type=positive_int, metavar="STEPS", help="tiny presets' seeded loss curves")
     args = p.parse_args()
     device = devices.pick(args.device)
     full = device.type == "cuda" and not args.quick

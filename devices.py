@@ -139,6 +139,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ValueError(f"{message} (see {self.prog} --help)")
 
 
+def number(kind, low=0, high=None, strict=True):
+    """An argparse type: a `kind` > low (>= low where not strict), <= high; else ArgumentParser.error's one line."""
+    def parse(text):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value: 'ten'"
+        if value < low or strict and value == low or high is not None and value > high:
+            bounds = f"{'>' if strict else '>='} {low}" + ("" if high is None else f" and <= {high}")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int, positive_float = number(int), number(float)
+non_negative_int, non_negative_float = number(int, strict=False), number(float, strict=False)
+fraction = number(float, 0, 1, strict=False)  # [0, 1]
+
+
 def run_main(main, errors=USER_ERRORS):
     """main(); a user error ends the process with one line `error: ...` on stderr (by rank 0) and exit code 2."""
     try:

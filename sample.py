@@ -24,7 +24,7 @@ import data
 import devices
 from checkpoint import build_from_checkpoint, export_ema, load_checkpoint
 from classifier import confusion_matrix
-from devices import is_main_process, run_sharded
+from devices import is_main_process, non_negative_float, number, positive_int, run_sharded
 from embeddings import i2c_accuracy
 from flow import DEFAULT_SOLVER, READOUT, SOLVERS, TIME_GRIDS, network_passes
 from plots import PNG, plot_confusion, save_c2i_grid, save_i2c_grid, save_trajectory
@@ -122,12 +122,12 @@ def main():
     p.add_argument("checkpoint")
     p.add_argument("--direction", default="c2i", choices=("c2i", "i2c"))
     p.add_argument("--classes", nargs="+", help="C2I: which classes, ids or names (default: all)")
-    p.add_argument("--num-per-class", type=int, default=8)
-    p.add_argument("--num-samples", type=int, default=1000, help="I2C: test images to score")
+    p.add_argument("--num-per-class", type=positive_int, default=8)
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="I2C: test images to score")
     p.add_argument("--solver", default=DEFAULT_SOLVER, choices=SOLVERS, help="default: %(default)s, 8 steps on 'ends'")
-    p.add_argument("--steps", type=int, help="default: the solver's (flow.DEFAULT_STEPS)")
+    p.add_argument("--steps", type=positive_int, help="default: the solver's (flow.DEFAULT_STEPS)")
     p.add_argument("--time-grid", choices=TIME_GRIDS, help="default: the solver's (flow.DEFAULT_TIME_GRID)")
-    p.add_argument("--cfg-scale", type=float, default=1.0)
+    p.add_argument("--cfg-scale", type=non_negative_float, default=1.0, help="1: unguided")
     p.add_argument("--i2c-decoder", default="ode", choices=("ode", "readout"),
                    help="I2C: integrate the ODE, or one network call at t = 0 (flow.READOUT)")
     p.add_argument("--seed", type=int, default=0)
@@ -139,17 +139,9 @@ def main():
     extra.add_argument("--arithmetic", metavar="EXPR", help="C2I of class means such as 'A + B - C'")
     extra.add_argument("--trajectory", action="store_true", help="z_t along the ODE, both ways: a PNG strip or a GIF")
     extra.add_argument("--export", metavar="PATH", help="write the EMA weights alone in fp16 (for sampling only)")
-    p.add_argument("--num-frames", type=int, default=10, help="--interpolate / --trajectory frames")
-    p.add_argument("--num-rows", type=int, default=1, help="--interpolate / --arithmetic: noise draws, a strip each")
+    p.add_argument("--num-frames", type=number(int, 2, strict=False), default=10, help="--interpolate, --trajectory")
+    p.add_argument("--num-rows", type=positive_int, default=1, help="--interpolate, --arithmetic: strips (noise draws)")
     args = p.parse_args()
-    if (args.steps is not None and args.steps <= 0) or args.num_per_class <= 0 or args.num_rows <= 0:
-        raise ValueError("--steps, --num-per-class and --num-rows must be positive")
-    if args.num_samples <= 0:
-        raise ValueError(f"--num-samples must be positive, got {args.num_samples}")
-    if args.cfg_scale < 0:
-        raise ValueError(f"--cfg-scale must be >= 0 (1 is unguided), got {args.cfg_scale}")
-    if args.num_frames < 2:
-        raise ValueError("--num-frames must be at least 2 (the two end points)")
     _, _, device = devices.setup(args.device)
     run(args, device)
     devices.shutdown()  # run_main does it on an error

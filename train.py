@@ -22,6 +22,7 @@ import data
 import devices
 from checkpoint import (MODELS, build_class_embedder, build_flow, build_training_state, check_out_dir,
                         newest_good_checkpoint, resume_run, rng_state, save_checkpoint, set_rng_state)
+from devices import fraction, non_negative_float, non_negative_int, positive_float, positive_int
 from embeddings import KINDS
 from flow import DEFAULT_SOLVER, MODES, SOLVERS
 from metrics import evaluate_checkpoint_model
@@ -69,45 +70,45 @@ def get_args(argv=None):
     p.add_argument("--unet-attention", default="resolutions", choices=("resolutions", "reference"),
                    help="UNet: attend at the feature-map sides given, or where the reference does (model_unet.py)")
     p.add_argument("--embedding", choices=KINDS, help="default: the preset's (rectangle for the reference)")
-    p.add_argument("--std-scale", type=float, help="noise std of class latents (default: the preset's; noise: 1)")
+    p.add_argument("--std-scale", type=non_negative_float, help="class latents' noise std (default: preset's)")
     p.add_argument("--rect-size", type=int, default=10, help="rectangle latents: the side in pixels")
     p.add_argument("--blur-sigma", type=float, default=2.0)
     p.add_argument("--low-res", type=int, default=6, help="smoothrand noise resolution")
     p.add_argument("--embedding-seed", type=int, default=0)
-    p.add_argument("--kl-weight", type=float, default=1e-3, help="KL weight of the 'learned' latents")
-    p.add_argument("--sep-weight", type=float, default=100.0, help="weight of the 'learned' means' separation hinge")
-    p.add_argument("--lambda-b", type=float, help="bidi: share of image->class samples (default: the preset's)")
+    p.add_argument("--kl-weight", type=non_negative_float, default=1e-3, help="KL weight of the 'learned' latents")
+    p.add_argument("--sep-weight", type=non_negative_float, default=100.0, help="'learned': weight of the means' hinge")
+    p.add_argument("--lambda-b", type=fraction, help="bidi: share of image->class samples (default: the preset's)")
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ln", action="store_true", help="logit-normal t")
     p.add_argument("--ln-loc", type=float, default=0.0)
     p.add_argument("--ln-scale", type=float, default=1.0)
-    p.add_argument("--si-scale", type=float, default=0.0)
-    p.add_argument("--i2c-time-power", type=float, help="image->class samples take t^p (flow.py; default: preset's)")
+    p.add_argument("--si-scale", type=non_negative_float, default=0.0)
+    p.add_argument("--i2c-time-power", type=positive_float, help="image->class t^p (flow.py; default: preset's)")
     p.add_argument("--use-conditioning", action="store_true", help="standard class CFG (noise source only)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, help="global batch, split over processes")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--ema-decay", type=float)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--batch-size", type=positive_int, help="global batch, split over processes")
+    p.add_argument("--max-steps", type=positive_int)
+    p.add_argument("--warmup-steps", type=non_negative_int)
+    p.add_argument("--ema-decay", type=fraction)
     p.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction,
                    help="EMA decay min(decay, (1+step)/(10+step)) so a short run's EMA is not its init")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
-    p.add_argument("--grad-clip", type=float, help="max gradient norm, 0: off (default: the preset's)")
+    p.add_argument("--grad-clip", type=non_negative_float, help="max gradient norm, 0: off (default: the preset's)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: where it is fast)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one), cpu, cuda")
     p.add_argument("--out", default="runs/default")
     p.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--ckpt-every", type=int, default=5000)
-    p.add_argument("--keep-every", type=int, default=50_000, help="also keep step_N.pt every N steps")
-    p.add_argument("--sample-every", type=int, default=5000)
-    p.add_argument("--sample-steps", type=int, help="default: the solver's (flow.DEFAULT_STEPS)")
+    p.add_argument("--log-every", type=positive_int, default=100)
+    p.add_argument("--ckpt-every", type=positive_int, default=5000)
+    p.add_argument("--keep-every", type=positive_int, default=50_000, help="also keep step_N.pt every N steps")
+    p.add_argument("--sample-every", type=positive_int, default=5000)
+    p.add_argument("--sample-steps", type=positive_int, help="default: the solver's (flow.DEFAULT_STEPS)")
     p.add_argument("--sample-solver", default=DEFAULT_SOLVER, choices=SOLVERS)
-    p.add_argument("--eval-every", type=int, default=0, help="FID/P/R/accuracies every N steps (0: off)")
-    p.add_argument("--num-samples", type=int, default=1000, help="images (and test images) per evaluation")
+    p.add_argument("--eval-every", type=non_negative_int, default=0, help="FID, P/R, accuracies every N steps")
+    p.add_argument("--num-samples", type=positive_int, default=1000, help="images (and test images) per evaluation")
     args = apply_preset(p.parse_args(argv))
     check_args(args)
     return args
@@ -136,24 +137,14 @@ def apply_preset(args):
 
 
 def check_args(args):
-    """Every flag checked before any work, with ValueErrors (devices.run_main prints one line, by rank 0)."""
+    """What the flags' types (devices.number) cannot check alone, before any work, with ValueErrors
+    (devices.run_main prints one line, by rank 0)."""
     if args.use_conditioning != (args.embedding == "noise"):  # the class reaches the model one way, exactly
         raise ValueError("--use-conditioning is standard class CFG for a noise source, and a noise source needs it: "
                          "a class latent carries the class, plain noise does not (use --embedding noise with "
                          "--use-conditioning, or neither)")
     if args.embedding == "noise" and args.mode != "l2i":
         raise ValueError("--embedding noise has no class to read back: use --mode l2i")
-    for key in ("lr", "batch_size", "max_steps", "log_every", "ckpt_every", "keep_every", "sample_every",
-                "sample_steps", "num_samples"):
-        if getattr(args, key) is not None and getattr(args, key) <= 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    if args.grad_clip < 0:  # clip_grad_norm_ would flip the gradients' sign
-        raise ValueError(f"--grad-clip must be >= 0 (0: off), got {args.grad_clip}")
-    for key in ("warmup_steps", "eval_every", "si_scale", "kl_weight", "sep_weight"):
-        if getattr(args, key) < 0:
-            raise ValueError(f"--{key.replace('_', '-')} must be >= 0, got {getattr(args, key)}")
-    if not 0 <= args.ema_decay <= 1:
-        raise ValueError(f"--ema-decay must lie in [0, 1], got {args.ema_decay}")
     # step_N.pt is linked at a save only: off the --ckpt-every grid a snapshot the run reaches is never written.
     if args.keep_every % args.ckpt_every and args.keep_every <= args.max_steps:
         raise ValueError(f"--keep-every {args.keep_every} is not a multiple of --ckpt-every {args.ckpt_every}")
