@@ -4,10 +4,9 @@
     python bench.py                         # GPU: every preset, DiT and UNet, bf16 and fp32, compile off/on
     python bench.py --loss-curves 200 --batch-size 16    # speed changes keep the fixed-seed loss curve?
 
-The timed step is train.py's (train_step, EMA update) on synthetic uint8 data on the device, at the
-preset's batch on a GPU (16 on a CPU): the median over timed windows after warm-up. A configuration that
-fails (out of memory, no compiler) is recorded and the rest measured. Peak memory: max_memory_allocated on a
-GPU (None on a CPU).
+The timed step is train.py's (train_step, EMA update) on synthetic uint8 data on the device, at the preset's batch on a
+GPU (16 on a CPU): the median over timed windows after warm-up. A configuration that fails (out of memory, no compiler)
+is recorded and the rest measured. Peak memory: max_memory_allocated on a GPU (None on a CPU).
 
     MFU = (FLOPs of forward + backward, FlopCounterMode) / (step time) / (this device's measured GEMM FLOP/s)
 """

@@ -115,8 +115,7 @@ def text_vectors(texts):
         h = layer_norm(h + linear(context, p + "attention.output.dense"), p + "attention.output.LayerNorm")
         inner = F.gelu(linear(h, p + "intermediate.dense"))  # exact (erf) GELU, as BERT's "gelu"
         h = layer_norm(h + linear(inner, p + "output.dense"), p + "output.LayerNorm")
-    pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    return F.normalize(pooled, dim=1)
+    return F.normalize((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=1)
 
 
 @torch.no_grad()

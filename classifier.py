@@ -51,8 +51,7 @@ def train_classifier(train, test, num_classes, epochs=3, batch_size=128, seed=0,
                     schedule.step()
     finally:
         torch.set_num_threads(threads)
-    model.eval()
-    return model, accuracy(classify(model, data.to_unit_range(test[0])), test[1], num_classes)[0]
+    return model.eval(), accuracy(classify(model, data.to_unit_range(test[0])), test[1], num_classes)[0]
 
 
 @torch.no_grad()
@@ -86,8 +85,7 @@ def confusion_matrix(true, predicted, num_classes):
 
 
 def c2i_class_accuracy(classifier, images, requested_labels):
-    """Fraction of generated images that the classifier assigns to the class they were generated for, per
-    class, and the confusion matrix (rows: requested class, columns: the classifier's label)."""
+    """C2I class-consistency, overall and per class, and the confusion matrix (rows: requested, columns: predicted)."""
     num_classes = classifier.net[-1].out_features
     predicted = classify(classifier, images)
     acc, per_class = accuracy(predicted, requested_labels, num_classes)

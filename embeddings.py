@@ -17,13 +17,12 @@ map from K points, and I2C must land each image exactly on its class's mean. Kin
                 a fixed seeded orthonormal projection Q (QR of a seeded Gaussian matrix):
                 m_c = sqrt(C*H*W) * Q v_c, so pixel RMS is 1 and ||m_a - m_b|| ∝ ||v_a - v_b||.
                 Only the 'text' vectors ship (class_vectors/); 'clip' needs `class_vectors.py --kind clip` first.
-    learned     CrossFlow's variational encoder for classes: trainable m_c (starting at the rectangle) and
-                log sigma_c^2 per pixel, x_class = m_c + sigma_c * eps; the KL term 0.5 mean(m^2 + sigma^2 - 1 -
-                log sigma^2) pulls every m_c to 0 and sigma_c to 1, bounding their scale, and its pull on the
-                means is ~1000x weaker than the flow's (RESULTS.md). The flow's loss pulls the means together
-                (image->class is easiest when every class has one mean); a hinge keeps them apart, each pair at
-                least as far apart as the closest pair started (d_ab = ||m_a - m_b|| / sqrt(C*H*W)):
-                    L_sep = mean_{a<b} max(0, d_min(init) - d_ab)^2.
+    learned     CrossFlow's variational encoder for classes: trainable m_c (starting at the rectangle) and log sigma_c^2
+                per pixel, x_class = m_c + sigma_c * eps; the KL term 0.5 mean(m^2 + sigma^2 - 1 - log sigma^2) pulls
+                every m_c to 0 and sigma_c to 1, bounding their scale, and its pull on the means is ~1000x weaker than
+                the flow's (RESULTS.md). The flow's loss pulls the means together (image->class is easiest when every
+                class has one mean); a hinge keeps each pair at least as far apart as the closest pair started:
+                    L_sep = mean_{a<b} max(0, d_min(init) - d_ab)^2,    d_ab = ||m_a - m_b|| / sqrt(C*H*W).
     noise       m_c = 0, std 1: plain Gaussian noise, the noise->image baseline of standard CFG.
 
 Decoding a latent z back to a class (the I2C prediction): nearest mean by L2,
@@ -40,8 +39,7 @@ KINDS = ("rectangle", "grayscale", "smoothrand", "clip", "text", "learned", "noi
 
 
 def grayscale_means(num_classes, shape):
-    levels = torch.linspace(-1, 1, num_classes)
-    return levels.view(-1, 1, 1, 1).expand(num_classes, *shape).clone()
+    return torch.linspace(-1, 1, num_classes).view(-1, 1, 1, 1).expand(num_classes, *shape).clone()
 
 
 def _gaussian_blur(x, sigma, kernel_size=7):
@@ -86,8 +84,7 @@ def smoothrand_means(num_classes, shape, low_res=6, seed=0):
     channels, height, width = shape
     generator = torch.Generator().manual_seed(seed)
     low = torch.randn(num_classes, channels, low_res, low_res, generator=generator).clamp(-3, 3)
-    lo = low.amin(dim=(1, 2, 3), keepdim=True)
-    hi = low.amax(dim=(1, 2, 3), keepdim=True)
+    lo, hi = low.amin(dim=(1, 2, 3), keepdim=True), low.amax(dim=(1, 2, 3), keepdim=True)
     low = 2 * (low - lo) / (hi - lo) - 1
     return F.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
 
@@ -136,8 +133,7 @@ class ClassEmbedder(nn.Module):
         self.kind, self.std_scale = kind, std_scale
         if kind == "learned":
             self.means = nn.Parameter(means.float().clone())
-            logvar = math.log(max(std_scale, 1e-3) ** 2)
-            self.logvar = nn.Parameter(torch.full_like(self.means, logvar))
+            self.logvar = nn.Parameter(torch.full_like(self.means, math.log(max(std_scale, 1e-3) ** 2)))
             distances = self.distances()
             self.min_distance = distances.min().item() if len(distances) else 0.0  # the closest pair at init
         else:

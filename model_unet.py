@@ -3,11 +3,10 @@
     v_θ(x, t, cond, direction) : (N, C, H, W) -> (N, C, H, W)
 
 The embeddings of t, of the guidance label cond and of the direction live in model_dit.py (ConditionEmbedder,
-shared by both models). Encoder: a stem conv, then per level `num_res_blocks` residual blocks (with
-self-attention where the feature map size is in `attention_resolutions`) and a strided-conv downsample; a
-middle of ResBlock-Attention-ResBlock; the decoder mirrors it, each block taking the matching encoder activation
-on channels, upsampling by nearest + conv. The conditioning vector emb enters each residual block by
-scale-shift normalisation:
+shared by both models). Encoder: a stem conv, then per level `num_res_blocks` residual blocks (with self-attention
+where the feature map size is in `attention_resolutions`) and a strided-conv downsample; a middle of
+ResBlock-Attention-ResBlock; the decoder mirrors it, each block taking the matching encoder activation on channels,
+upsampling by nearest + conv. The conditioning vector emb enters each residual block by scale-shift normalisation:
 
     (scale, shift) = Linear(SiLU(emb)),   h = GroupNorm(h) · (1 + scale) + shift.
 
@@ -56,8 +55,7 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.in_layers(x)
         scale, shift = self.emb_layers(emb)[:, :, None, None].chunk(2, dim=1)
-        h = self.out_layers(self.out_norm(h) * (1 + scale) + shift)
-        return self.skip(x) + h
+        return self.skip(x) + self.out_layers(self.out_norm(h) * (1 + scale) + shift)
 
 
 class AttentionBlock(nn.Module):
@@ -129,10 +127,9 @@ class UNet(nn.Module):
                 skip_channels.append(channels)
                 resolution //= 2
 
-        self.middle_block = EmbedSequential(
-            ResBlock(channels, channels, emb_channels, dropout),
-            AttentionBlock(channels, num_heads),
-            ResBlock(channels, channels, emb_channels, dropout))
+        self.middle_block = EmbedSequential(ResBlock(channels, channels, emb_channels, dropout),
+                                            AttentionBlock(channels, num_heads),
+                                            ResBlock(channels, channels, emb_channels, dropout))
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mult))):
@@ -154,14 +151,13 @@ class UNet(nn.Module):
     def forward(self, x, t, cond, direction=None):
         emb = self.condition_embedder(t, cond, direction)
         skips = []
-        h = x
         for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
+            x = block(x, emb)
+            skips.append(x)
+        x = self.middle_block(x, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+            x = block(torch.cat([x, skips.pop()], dim=1), emb)
+        return self.out(x)
 
 
 _REFERENCE = dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attention_resolutions=(16, 8),

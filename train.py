@@ -137,8 +137,7 @@ def apply_preset(args):
 
 
 def check_args(args):
-    """What the flags' types (devices.number) cannot check alone, before any work, with ValueErrors
-    (devices.run_main prints one line, by rank 0)."""
+    """What the flags' types (devices.number) cannot check, before any work: a ValueError is run_main's one line."""
     if args.use_conditioning != (args.embedding == "noise"):  # the class reaches the model one way, exactly
         raise ValueError("--use-conditioning is standard class CFG for a noise source, and a noise source needs it: "
                          "a class latent carries the class, plain noise does not (use --embedding noise with "
