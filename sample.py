@@ -73,9 +73,8 @@ def mixed_c2i(model, embedder, flow, classes, weights, num_rows=1, seed=0, devic
         z = sum_k w_k m_k + sigma * eps_r,    sigma = sum_k |w_k| sigma_k / sum_k |w_k|
     eps_r the r-th noise draw under `seed`, shared by every row of weights, sigma_k std_scale (or the learned
     std): a row with one weight 1 is a plain latent of that class. Returns (images (num_rows * F, C, H, W), nfe)."""
-    eps = torch.randn((num_rows, *embedder.means.shape[1:]), generator=torch.Generator(device).manual_seed(seed),
-                      device=device)
     means = embedder.means.detach()[classes]
+    eps = torch.randn((num_rows, *means.shape[1:]), generator=torch.Generator(device).manual_seed(seed), device=device)
     stds = embedder.stds(classes).detach()
     weights = weights.to(means)
     mean = torch.einsum("fk,kchw->fchw", weights, means)
@@ -103,17 +102,15 @@ def trajectories(model, embedder, flow, args, classes, num_frames=10, seed=0, de
     from each class's first test image. Returns (c2i, i2c or None for a noise source, nfe), each (N, T, C, H, W)."""
     times = torch.linspace(0, 1, num_frames)
     y = torch.tensor(classes, device=device)
-    z = embedder(y, torch.Generator(device).manual_seed(seed))
     rows_first = lambda states, nfe: (states.transpose(0, 1), nfe)  # (T, n, ...) -> (n, T, ...): shards split rows
     c2i, nfe = run_sharded(lambda zz, yy: rows_first(*flow.c2i(model, embedder, yy, z=zz, times=times, **kw)),
-                           z, y, sharded=sharded)
+                           embedder(y, torch.Generator(device).manual_seed(seed)), y, sharded=sharded)
     if embedder.kind == "noise":
         return c2i, None, nfe
     test_images, test_labels = data.load_test_set(args, data_dir)
     first = torch.stack([torch.nonzero(test_labels == c)[0, 0] for c in classes])
-    x_image = data.to_unit_range(test_images[first]).to(device)
-    i2c, nfe_i2c = run_sharded(lambda xx: rows_first(*flow.i2c(model, embedder, xx, times=times, **kw)), x_image,
-                               sharded=sharded)
+    i2c, nfe_i2c = run_sharded(lambda xx: rows_first(*flow.i2c(model, embedder, xx, times=times, **kw)),
+                               data.to_unit_range(test_images[first]).to(device), sharded=sharded)
     return c2i, i2c, max(nfe, nfe_i2c)
 
 
