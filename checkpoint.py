@@ -155,7 +155,8 @@ def build_class_embedder(args):
 
 def build_flow(args):
     return Flow(args["mode"], args["lambda_b"], args["cfg_dropout"], args["ln"], args["ln_loc"], args["ln_scale"],
-                args["si_scale"], args["use_conditioning"], args["num_classes"], args.get("i2c_time_power", 1.0))
+                args["si_scale"], args["use_conditioning"], args["num_classes"], args.get("i2c_time_power", 1.0),
+                args.get("i2c_noise_scale", 1.0))
 
 
 def build_training_state(args, device, channels_last=None):

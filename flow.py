@@ -23,7 +23,11 @@ the class latent t m_c is visible in z_t, so the network can read the class off 
 where sampling starts, must it read the class off the image. p = 3 puts half of that direction's
 training below t = 1/8, the tiny preset's p = 50 puts 91% below t = 0.01. At t = 0 the ideal
 I2C velocity is E[x_class | x_image] - x_image, so one Euler step x_image + v(x_image, 0) is the
-posterior mean of the class means: the "t = 0 read-out" (READOUT).
+posterior mean of the class means: the "t = 0 read-out" (READOUT). With --i2c-noise-scale r those samples
+end at m_c + r std_scale eps, while class -> image ones start at m_c + std_scale eps. The maths allows it: the
+direction is an input, so the two are separate fields of one network, and nothing ties their latents' widths. A
+wide source gives class -> image room to draw varied images; a narrow target leaves image -> class less noise to
+regress (its loss floor is r^2 std_scale^2 per pixel), and its read-out, E[m_c | x_image], does not change.
 
 Guidance (CrossFlow-style indicator): cond = 0 (conditional) or 1 (null). With probability cfg_dropout a
 pair is marked null and its class latent drawn for a random class, so the null branch learns to flow
@@ -74,7 +78,7 @@ def network_passes(nfe, cfg_scale):
 
 class Flow:
     def __init__(self, mode="l2i", lambda_b=0.5, cfg_dropout=0.1, ln=False, ln_loc=0.0, ln_scale=1.0,
-                 si_scale=0.0, use_conditioning=False, num_classes=10, i2c_time_power=1.0):
+                 si_scale=0.0, use_conditioning=False, num_classes=10, i2c_time_power=1.0, i2c_noise_scale=1.0):
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if not 0 <= lambda_b <= 1:
@@ -83,9 +87,12 @@ class Flow:
             raise ValueError(f"--cfg-dropout must lie in [0, 1), got {cfg_dropout}")
         if i2c_time_power <= 0:
             raise ValueError(f"--i2c-time-power must be positive, got {i2c_time_power}")
+        if i2c_noise_scale < 0:
+            raise ValueError(f"--i2c-noise-scale must be >= 0, got {i2c_noise_scale}")
         self.mode, self.lambda_b, self.cfg_dropout = mode, lambda_b, cfg_dropout
         self.ln, self.ln_loc, self.ln_scale, self.si_scale = ln, ln_loc, ln_scale, si_scale
         self.use_conditioning, self.num_classes, self.i2c_time_power = use_conditioning, num_classes, i2c_time_power
+        self.i2c_noise_scale = i2c_noise_scale
 
     # ---------------------------------------------------------------- training
     def draw(self, x_image, y, embedder, generator=None):
@@ -98,17 +105,16 @@ class Flow:
             cond = null.long()
             y_latent = torch.where(null, torch.randint(self.num_classes, (n,), device=device, generator=generator), y)
         x_class = embedder(y_latent, generator)
-
-        z0, z1 = x_class, x_image
-        direction = torch.zeros(n, dtype=torch.long, device=device)
-        if self.mode == "i2l":
-            z0, z1 = x_image, x_class
-            direction += IMAGE_TO_CLASS
-        elif self.mode == "bidi":
-            swap = torch.rand(n, device=device, generator=generator) < self.lambda_b
-            swap4 = swap.view(-1, 1, 1, 1)
-            z0, z1 = torch.where(swap4, x_image, x_class), torch.where(swap4, x_class, x_image)
-            direction = swap.long()
+        if self.mode == "bidi":
+            direction = (torch.rand(n, device=device, generator=generator) < self.lambda_b).long()
+        else:
+            direction = torch.full((n,), IMAGE_TO_CLASS if self.mode == "i2l" else CLASS_TO_IMAGE, device=device)
+        if self.i2c_noise_scale != 1:  # image->class targets: their class latent's noise times r (module docstring)
+            mean = embedder.means[y_latent]
+            r = torch.where(direction == IMAGE_TO_CLASS, self.i2c_noise_scale, 1.0).view(-1, 1, 1, 1)
+            x_class = mean + r * (x_class - mean)
+        to_class = (direction == IMAGE_TO_CLASS).view(-1, 1, 1, 1)
+        z0, z1 = torch.where(to_class, x_image, x_class), torch.where(to_class, x_class, x_image)
 
         if self.ln:  # logit-normal
             t = torch.sigmoid(self.ln_loc + self.ln_scale * torch.randn(n, device=device, generator=generator))

@@ -389,6 +389,23 @@ def test_non_positive_i2c_time_power_is_refused():
         Flow("bidi", i2c_time_power=0)
 
 
+@pytest.mark.parametrize("mode", ["i2l", "bidi"])
+def test_i2c_noise_scale_draws_image_to_class_targets_with_their_own_noise_and_leaves_class_to_image_alone(mode):
+    n = 20_000
+    embedder = build_embedder("rectangle", 10, (1, 8, 8), std_scale=1.0)
+    y = torch.arange(n) % 10
+    draw = lambda flow: flow.draw(torch.zeros(n, 1, 8, 8), y, embedder, torch.Generator().manual_seed(0))
+    plain, batch = draw(Flow(mode, cfg_dropout=0.0)), draw(Flow(mode, cfg_dropout=0.0, i2c_noise_scale=0.25))
+    to_class = batch["direction"] == IMAGE_TO_CLASS
+    assert torch.equal(batch["direction"], plain["direction"]) and torch.equal(batch["t"], plain["t"])
+    noise = batch["z1"][to_class] - embedder.means[y[to_class]]  # image -> class: z1 is the class latent
+    assert abs(noise.std().item() - 0.25) < 0.01 and noise.mean().abs() < 0.01
+    assert torch.allclose(noise, 0.25 * (plain["z1"][to_class] - embedder.means[y[to_class]]), atol=1e-6)
+    assert torch.equal(batch["z0"][~to_class], plain["z0"][~to_class])  # class -> image sources: std_scale's
+    if mode == "bidi":
+        assert 0 < to_class.sum() < n
+
+
 # ------------------------------ integration: ODE solvers and guidance
 
 @pytest.mark.parametrize("solver,steps,expected_nfe,tol", [("euler", 50, 50, 2e-2), ("midpoint", 20, 40, 1e-3),
@@ -2417,6 +2434,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data_d
     (["--warmup-steps", "-1"], "argument --warmup-steps: must be >= 0, got -1"),
     (["--eval-every", "-1"], "argument --eval-every: must be >= 0, got -1"),
     (["--si-scale", "-0.5"], "argument --si-scale: must be >= 0, got -0.5"),
+    (["--i2c-noise-scale", "-1"], "argument --i2c-noise-scale: must be >= 0, got -1"),
     (["--kl-weight", "-1"], "argument --kl-weight: must be >= 0, got -1"),
     (["--sep-weight", "-1"], "argument --sep-weight: must be >= 0, got -1"),
     (["--ema-decay", "1.5"], "argument --ema-decay: must be >= 0 and <= 1, got 1.5"),

@@ -39,7 +39,7 @@ TRAIN_PRESETS = {
                  embedding="text", std_scale=0.5, i2c_time_power=50.0, lambda_b=0.3),
     "mnist": dict(max_steps=120_000), "cifar": dict(max_steps=300_000), "imagenet": dict(max_steps=400_000),
 }
-REFERENCE = dict(embedding="rectangle", std_scale=1.0, lambda_b=0.5, i2c_time_power=1.0, lr=1e-4,
+REFERENCE = dict(embedding="rectangle", std_scale=1.0, lambda_b=0.5, i2c_time_power=1.0, i2c_noise_scale=1.0, lr=1e-4,
                  batch_size=256, max_steps=300_000, warmup_steps=0, ema_decay=0.9999, ema_warmup=False, grad_clip=0.0)
 DEFAULT_PRESET = {"mnist": "mnist", "fashion": "mnist", "cifar": "cifar", "imagenet100": "imagenet"}
 MODEL_FLAGS = {"dit": ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio"),
@@ -84,6 +84,7 @@ def get_args(argv=None):
     p.add_argument("--ln-scale", type=float, default=1.0)
     p.add_argument("--si-scale", type=non_negative_float, default=0.0)
     p.add_argument("--i2c-time-power", type=positive_float, help="image->class t^p (flow.py; default: preset's)")
+    p.add_argument("--i2c-noise-scale", type=non_negative_float, help="image->class: latent noise x r (flow.py)")
     p.add_argument("--use-conditioning", action="store_true", help="standard class CFG (noise source only)")
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--batch-size", type=positive_int, help="global batch, split over processes")
