@@ -2474,8 +2474,9 @@ def test_a_bad_flag_is_one_line_the_same_way_in_every_script(script, argv):
                         "unrecognized arguments: --no-such-flag")
 
 
-def test_a_noise_source_is_unit_gaussian_and_refuses_another_std(data_dir, tmp_path):
+def test_a_noise_source_is_unit_gaussian_and_refuses_another_std(data_dir, tmp_path, monkeypatch):
     noise = ["--embedding", "noise", "--use-conditioning", "--mode", "l2i"]
+    monkeypatch.setitem(train.TRAIN_PRESETS["tiny"], "std_scale", 0.5)  # a preset whose latents are not N(0, I)
     assert train.get_args(["--dataset", "mnist", "--preset", "tiny", *noise]).std_scale == 1.0  # not the preset's 0.5
     fails_with_one_line(train_micro(data_dir, tmp_path, *noise, "--std-scale", "0.5"),
                         "--embedding noise draws from N(0, I): --std-scale 0.5 does not apply")
