@@ -32,6 +32,8 @@ CHECKPOINT_FORMAT = "xfm-checkpoint-v1"
 RESUME_MAY_CHANGE = ("data_dir", "device", "bf16", "compile", "out", "resume", "max_steps", "log_every", "ckpt_every",
                      "keep_every", "sample_every", "sample_steps", "sample_solver", "eval_every", "num_samples")
 MODELS = {"dit": DiT, "unet": UNet}
+# Flags younger than some checkpoints, at the value those were trained with: a resume compares them, a model uses them.
+ADDED_FLAGS = dict(i2c_time_power=1.0, i2c_noise_scale=1.0)
 
 
 class CheckpointError(ValueError):
@@ -100,8 +102,9 @@ def resume_run(out, args, map_location="cpu"):
     if fallback:  # never silently: the steps since that snapshot are trained again
         print(f"--resume: {fallback}")
     plain = lambda v: tuple(v) if isinstance(v, list) else v  # --betas given on the command line is a list
-    differ = [f"--{k.replace('_', '-')} ({ckpt['args'][k]!r} in the checkpoint, {args[k]!r} now)" for k in ckpt["args"]
-              if k in args and k not in RESUME_MAY_CHANGE and plain(ckpt["args"][k]) != plain(args[k])]
+    saved = {**ADDED_FLAGS, **ckpt["args"]}
+    differ = [f"--{k.replace('_', '-')} ({saved[k]!r} in the checkpoint, {args[k]!r} now)" for k in saved
+              if k in args and k not in RESUME_MAY_CHANGE and plain(saved[k]) != plain(args[k])]
     if differ:
         raise CheckpointError(f"--resume: this command differs from the run being resumed in {', '.join(differ)}; "
                               "repeat the original flags (only --max-steps and output/device flags may change)")
@@ -154,9 +157,10 @@ def build_class_embedder(args):
 
 
 def build_flow(args):
+    args = {**ADDED_FLAGS, **args}
     return Flow(args["mode"], args["lambda_b"], args["cfg_dropout"], args["ln"], args["ln_loc"], args["ln_scale"],
-                args["si_scale"], args["use_conditioning"], args["num_classes"], args.get("i2c_time_power", 1.0),
-                args.get("i2c_noise_scale", 1.0))
+                args["si_scale"], args["use_conditioning"], args["num_classes"], args["i2c_time_power"],
+                args["i2c_noise_scale"])
 
 
 def build_training_state(args, device, channels_last=None):

@@ -141,7 +141,8 @@ def number(kind, low=0, high=None, strict=True):
     """An argparse type: a `kind` > low (>= low where not strict), <= high; else ArgumentParser.error's one line."""
     def parse(text):
         value = kind(text)  # a ValueError here is argparse's "invalid int value: 'ten'"
-        if value < low or strict and value == low or high is not None and value > high:
+        # Negated comparisons, so that NaN (every comparison False) is refused too.
+        if not (value > low if strict else value >= low) or high is not None and not value <= high:
             bounds = f"{'>' if strict else '>='} {low}" + ("" if high is None else f" and <= {high}")
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
         return value

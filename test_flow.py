@@ -8,6 +8,7 @@ Scripts run in this process through their own `if __name__ == "__main__"` block 
 Python with torch costs seconds. A subprocess is used only where the test is about processes: torchrun,
 SIGKILL, SIGTERM.
 """
+import argparse
 import contextlib
 import copy
 import gzip
@@ -56,8 +57,8 @@ import plots
 import model_unet
 import sample
 import train
-from checkpoint import (CheckpointError, build_from_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                        set_rng_state)
+from checkpoint import (CheckpointError, build_from_checkpoint, load_checkpoint, resume_run, rng_state,
+                        save_checkpoint, set_rng_state)
 from embeddings import ClassEmbedder, build_embedder, load_class_vectors, projected_means, rectangle_means
 from flow import (CLASS_TO_IMAGE, DEFAULT_TIME_GRID, IMAGE_TO_CLASS, READOUT, SOLVERS, TIME_GRIDS, Flow,
                   fixed_time_grid, network_passes)
@@ -391,19 +392,48 @@ def test_non_positive_i2c_time_power_is_refused():
 
 @pytest.mark.parametrize("mode", ["i2l", "bidi"])
 def test_i2c_noise_scale_draws_image_to_class_targets_with_their_own_noise_and_leaves_class_to_image_alone(mode):
-    n = 20_000
-    embedder = build_embedder("rectangle", 10, (1, 8, 8), std_scale=1.0)
+    n, levels = 20_000, torch.linspace(-1, 1, 10)
+    embedder = build_embedder("grayscale", 10, (1, 8, 8), std_scale=0.2)  # m_c: the constant image levels[c]
     y = torch.arange(n) % 10
     draw = lambda flow: flow.draw(torch.zeros(n, 1, 8, 8), y, embedder, torch.Generator().manual_seed(0))
-    plain, batch = draw(Flow(mode, cfg_dropout=0.0)), draw(Flow(mode, cfg_dropout=0.0, i2c_noise_scale=0.25))
+    plain, batch = draw(Flow(mode, cfg_dropout=0.5)), draw(Flow(mode, cfg_dropout=0.5, i2c_noise_scale=0.25))
     to_class = batch["direction"] == IMAGE_TO_CLASS
     assert torch.equal(batch["direction"], plain["direction"]) and torch.equal(batch["t"], plain["t"])
-    noise = batch["z1"][to_class] - embedder.means[y[to_class]]  # image -> class: z1 is the class latent
-    assert abs(noise.std().item() - 0.25) < 0.01 and noise.mean().abs() < 0.01
-    assert torch.allclose(noise, 0.25 * (plain["z1"][to_class] - embedder.means[y[to_class]]), atol=1e-6)
+    latents = batch["z1"][to_class]  # image -> class: z1 is the class latent, of a random class for null pairs
+    # Each latent's class, null pairs' included: the level nearest its pixel mean (64 pixels: mean noise 0.2/8/4).
+    means = levels[(latents.mean(dim=(1, 2, 3))[:, None] - levels).abs().argmin(1)].view(-1, 1, 1, 1)
+    assert (batch["cond"][to_class] == 1).float().mean() > 0.4  # null pairs are among them
+    noise = latents - means
+    assert abs(noise.std().item() - 0.2 * 0.25) < 0.002 and noise.mean().abs() < 0.002
+    assert torch.allclose(noise, 0.25 * (plain["z1"][to_class] - means), atol=1e-6)
     assert torch.equal(batch["z0"][~to_class], plain["z0"][~to_class])  # class -> image sources: std_scale's
-    if mode == "bidi":
-        assert 0 < to_class.sum() < n
+    assert (mode == "bidi") == bool((~to_class).any())
+
+
+def test_i2c_noise_scale_1_draws_what_flow_drew_before_the_flag_existed():
+    # Weighted sums of Flow.draw's tensors at a fixed seed, computed with flow.py as it was before
+    # --i2c-noise-scale (0d0d24a): the default must not move a single draw, or old runs stop resuming exactly.
+    embedder = build_embedder("rectangle", 10, (1, 8, 8), std_scale=0.5)
+    x_image, y = torch.linspace(-1, 1, 16 * 64).view(16, 1, 8, 8), torch.arange(16) % 10
+    before = {"l2i": (-1805.09489, 174933.333471, 73.21244), "i2l": (174933.333471, -1805.09489, 62.78756),
+              "bidi": (83714.783527, 89413.455053, 88.105804)}
+    for mode, sums in before.items():
+        batch = Flow(mode, lambda_b=0.5, cfg_dropout=0.25).draw(x_image, y, embedder, torch.Generator().manual_seed(0))
+        weighted = [float((batch[k].double() * torch.arange(1, batch[k].numel() + 1).view(batch[k].shape)).sum())
+                    for k in ("z0", "z1", "t")]
+        assert weighted == pytest.approx(sums, rel=1e-6), mode
+    assert batch["direction"].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1]
+
+
+def test_devices_number_bounds_its_flags_and_refuses_nan():
+    assert devices.positive_int("3") == 3 and devices.non_negative_float("0") == 0.0 and devices.fraction("1") == 1.0
+    for parse, bad in ((devices.positive_int, "0"), (devices.positive_float, "-1e-9"), (devices.non_negative_float, "-1"),
+                       (devices.fraction, "1.5"), (devices.fraction, "-0.1"), (devices.fraction, "nan"),
+                       (devices.non_negative_float, "nan"), (devices.positive_float, "nan")):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be"):
+            parse(bad)
+    with pytest.raises(ValueError):  # argparse words it "invalid int value"
+        devices.positive_int("ten")
 
 
 # ------------------------------ integration: ODE solvers and guidance
@@ -1758,6 +1788,7 @@ def test_shipped_checkpoint_is_small_loads_weights_only_and_rebuilds_from_the_fi
     model, embedder, flow, args = build_from_checkpoint(load_checkpoint(path))
     from train import TRAIN_PRESETS
     assert args["mode"] == "bidi" and flow.i2c_time_power == args["i2c_time_power"]
+    assert flow.i2c_noise_scale == args["i2c_noise_scale"]  # build_flow passes it on
     stale = {k: (args.get(k), v) for k, v in TRAIN_PRESETS["tiny"].items() if args.get(k) != v}
     assert not stale, f"the shipped model is not today's tiny recipe: {stale}"
     images, nfe = flow.c2i(model, embedder, torch.arange(10), torch.Generator().manual_seed(0), cfg_scale=2.0)
@@ -2376,6 +2407,16 @@ def test_resume_after_sigkill_continues_the_same_losses_and_weights(data_dir, ru
 def test_resume_refuses_a_command_that_describes_another_run(data_dir, run, flag, value):
     fails_with_one_line(train_micro(data_dir, run["out"], "--max-steps", RUN_STEPS, "--resume", flag, value),
                         "--resume: this command differs from the run being resumed", f" {flag} (")
+
+
+def test_resume_reads_a_flag_an_older_checkpoint_lacks_at_the_value_it_trained_with(run, tmp_path):
+    ckpt = load_checkpoint(run["path"])
+    old_args = {k: v for k, v in ckpt["args"].items() if k != "i2c_noise_scale"}  # written before the flag existed
+    save_checkpoint(dict(ckpt, args=old_args), str(tmp_path / "last.pt"))
+    now = dict(ckpt["args"], i2c_noise_scale=0.5)  # e.g. today's tiny preset
+    with pytest.raises(CheckpointError, match=r"--i2c-noise-scale \(1.0 in the checkpoint, 0.5 now\)"):
+        resume_run(str(tmp_path), now)
+    assert resume_run(str(tmp_path), dict(now, i2c_noise_scale=1.0))["step"] == ckpt["step"]
 
 
 def test_resume_from_a_damaged_last_pt_continues_from_the_newest_good_snapshot_and_says_so(data_dir, run, tmp_path):
