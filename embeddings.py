@@ -2,7 +2,7 @@
 
 Each class c has a fixed mean pattern m_c of the image's shape C x H x W, and a class latent is
 
-    x_class = m_c + std_scale * eps,        eps ~ N(0, I).
+    x_class = m_c + std_scale * eps,        eps ~ N(0, I)      (image->class targets: r std_scale, flow.py).
 
 The noise makes each class a distribution, not a point: the class-level analogue of CrossFlow's
 variational text encoder. std_scale = 0 is allowed: class latents are then the bare means, C2I a deterministic

@@ -85,7 +85,7 @@ def get_args(argv=None):
     p.add_argument("--ln-scale", type=float, default=1.0)
     p.add_argument("--si-scale", type=non_negative_float, default=0.0)
     p.add_argument("--i2c-time-power", type=positive_float, help="image->class t^p (flow.py; default: preset's)")
-    p.add_argument("--i2c-noise-scale", type=non_negative_float, help="image->class: latent noise x r (flow.py)")
+    p.add_argument("--i2c-noise-scale", type=non_negative_float, help="image->class: noise x r (default: preset's)")
     p.add_argument("--use-conditioning", action="store_true", help="standard class CFG (noise source only)")
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--batch-size", type=positive_int, help="global batch, split over processes")
